@@ -1,0 +1,75 @@
+"""Lightning callbacks: a validation overlay gallery and the confusion matrix in TensorBoard."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.loggers import TensorBoardLogger
+
+from busi_mtl.data import CLASSES
+from busi_mtl.metrics import binarize
+from busi_mtl.visualize import class_lines, confusion_figure, draw_overlay, tile
+
+
+def _tensorboards(trainer: pl.Trainer) -> list[TensorBoardLogger]:
+    return [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
+
+
+def pick_gallery_indices(labels: np.ndarray, count: int) -> list[int]:
+    """Dataset positions cycling through the classes, so every class appears in a small gallery."""
+    per_class = [list(np.flatnonzero(labels == c)) for c in range(len(CLASSES))]
+    picked: list[int] = []
+    while len(picked) < min(count, len(labels)):
+        for members in per_class:
+            if members and len(picked) < count:
+                picked.append(int(members.pop(0)))
+    return picked
+
+
+class OverlayGallery(pl.Callback):
+    """After each (n-th) validation epoch, log a grid of fixed val images with true (green) and
+    predicted (red) lesion contours and the class probabilities; after testing, the confusion matrix.
+    """
+
+    def __init__(self, num_images: int = 8, every_n_epochs: int = 1) -> None:
+        self.num_images = num_images
+        self.every_n_epochs = every_n_epochs
+
+    @torch.no_grad()
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        loggers = _tensorboards(trainer)
+        datamodule = getattr(trainer, "datamodule", None)
+        if (
+            not loggers
+            or trainer.sanity_checking
+            or trainer.current_epoch % self.every_n_epochs
+            or datamodule is None
+            or not len(datamodule.datasets.get("val", []))
+        ):
+            return
+        dataset = datamodule.datasets["val"]
+        indices = pick_gallery_indices(dataset.labels[dataset.indices], self.num_images)
+        samples = [dataset[i] for i in indices]
+        images = torch.stack([s["image"] for s in samples]).to(pl_module.device)
+        was_training = pl_module.training
+        pl_module.eval()
+        mask_logits, class_logits = pl_module(images)
+        pl_module.train(was_training)
+        preds = binarize(mask_logits, pl_module.hparams.threshold)[:, 0].cpu().numpy()
+        probs = class_logits.float().softmax(dim=1).cpu().numpy()
+        tiles = []
+        for sample, pred, prob in zip(samples, preds, probs, strict=True):
+            lines = class_lines(CLASSES[int(sample["label"])], CLASSES[int(prob.argmax())], prob, CLASSES)
+            tiles.append(draw_overlay(sample["image"][0].numpy(), pred, sample["mask"][0].numpy(), lines))
+        grid = tile(tiles, columns=4)
+        for logger in loggers:
+            logger.experiment.add_image("val/overlays", grid, trainer.global_step, dataformats="HWC")
+
+    def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        results = getattr(pl_module, "results", {}).get("test")
+        if not results:
+            return
+        figure = confusion_figure(np.array(results["confusion_matrix"]), CLASSES, "test confusion matrix")
+        for logger in _tensorboards(trainer):
+            logger.experiment.add_figure("test/confusion_matrix", figure, trainer.global_step)

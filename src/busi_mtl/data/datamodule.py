@@ -1,0 +1,220 @@
+"""BUSIDataModule: manifest -> cached preprocessing -> grouped split -> augmented DataLoaders.
+
+Batches are dicts: ``image`` float (B, 1, H, W) in [0, 1], ``mask`` float (B, 1, H, W) in {0, 1},
+``label`` long (B,), ``id`` list of image ids. Normalisation happens inside the network (see
+:mod:`busi_mtl.data.transforms`), with the train split's statistics this module computes.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import albumentations as A
+import numpy as np
+import pandas as pd
+import pytorch_lightning as pl
+import torch
+from sklearn.utils.class_weight import compute_class_weight
+from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler, get_worker_info
+
+from busi_mtl.data import CLASSES
+from busi_mtl.data.audit import duplicate_groups
+from busi_mtl.data.busi import BUSIDataError, scan_busi
+from busi_mtl.data.splits import SPLITS, log_split, make_split_table, read_split_file
+from busi_mtl.data.synthetic import generate_busi
+from busi_mtl.data.transforms import CachedArrays, Preprocessing, build_cache, train_augmentation
+
+log = logging.getLogger(__name__)
+
+
+class BUSIDataset(Dataset):
+    """Samples ``indices`` of the cached arrays, augmenting image and mask together when a transform is set."""
+
+    def __init__(
+        self,
+        arrays: CachedArrays,
+        indices: np.ndarray,
+        labels: np.ndarray,
+        transform: A.Compose | None = None,
+    ) -> None:
+        self.arrays = arrays
+        self.indices = np.asarray(indices)
+        self.labels = np.asarray(labels)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> dict:
+        j = int(self.indices[i])
+        image, mask = np.asarray(self.arrays.images[j]), np.asarray(self.arrays.masks[j])
+        if self.transform is not None:
+            out = self.transform(image=image, mask=mask)
+            image, mask = out["image"], out["mask"]
+        return {
+            "image": torch.from_numpy(np.ascontiguousarray(image)).unsqueeze(0).float().div_(255.0),
+            "mask": torch.from_numpy(np.ascontiguousarray(mask)).unsqueeze(0).float(),
+            "label": torch.tensor(int(self.labels[j]), dtype=torch.long),
+            "id": self.arrays.ids[j],
+        }
+
+
+def seed_augmentation_worker(worker_id: int) -> None:
+    """Give each DataLoader worker its own augmentation stream, derived from torch's per-worker seed.
+
+    albumentations keeps its own RNG; without this every worker would replay the same random sequence.
+    torch's worker seed comes from the seeded main process, so runs stay reproducible.
+    """
+    info = get_worker_info()
+    transform = getattr(info.dataset, "transform", None) if info else None
+    if transform is not None:
+        transform.set_random_seed(torch.initial_seed() % 2**32)
+
+
+class BUSIDataModule(pl.LightningDataModule):
+    """BUSI (or any folder in its layout) as train/val/test DataLoaders; see ``conf/data/busi.yaml``."""
+
+    def __init__(
+        self,
+        root: str,
+        image_size: int = 256,
+        keep_aspect: bool = False,
+        denoise: str = "none",
+        clahe: bool = False,
+        cache_dir: str = "data/cache",
+        val_fraction: float = 0.15,
+        test_fraction: float = 0.15,
+        num_folds: int | None = None,
+        fold: int = 0,
+        split_seed: int = 42,
+        split_file: str | None = None,
+        output_dir: str | None = None,
+        hash_size: int = 16,
+        dup_threshold: int = 64,
+        on_missing_mask: str = "error",
+        augment: bool = True,
+        aug_strength: float = 1.0,
+        balanced_sampler: bool = False,
+        batch_size: int = 16,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        persistent_workers: bool = False,
+        seed: int = 42,
+        synthetic: dict | None = None,
+    ) -> None:
+        super().__init__()
+        if on_missing_mask not in ("error", "skip"):
+            raise ValueError(f"data.on_missing_mask={on_missing_mask!r}: choose 'error' or 'skip'.")
+        self.save_hyperparameters(logger=False)
+        self.preprocessing = Preprocessing(image_size, keep_aspect, denoise, clahe, hash_size)
+        self.manifest: pd.DataFrame | None = None
+        self.arrays: CachedArrays | None = None
+        self.split_table: pd.DataFrame | None = None
+        self.datasets: dict[str, BUSIDataset] = {}
+        self.class_weights = torch.ones(len(CLASSES))
+        self.pixel_mean, self.pixel_std = 0.5, 0.25
+
+    def prepare_data(self) -> None:
+        """Generate the synthetic set on first use and build the preprocessing cache (rank 0 only in DDP)."""
+        root = Path(self.hparams.root)
+        if self.hparams.synthetic and not root.exists():
+            generate_busi(root, **self.hparams.synthetic)
+        self._load_arrays()
+
+    def _load_arrays(self) -> None:
+        if self.arrays is None:
+            self.manifest = scan_busi(self.hparams.root, self.hparams.on_missing_mask)
+            self.arrays = build_cache(self.manifest, self.preprocessing, self.hparams.cache_dir)
+
+    def setup(self, stage: str | None = None) -> None:
+        """Split (or reload a saved split), save it to the run dir, derive class weights and pixel stats."""
+        if self.datasets:
+            return
+        hp = self.hparams
+        self._load_arrays()
+        if hp.split_file:
+            table = read_split_file(hp.split_file, self.manifest)
+        else:
+            groups = duplicate_groups(self.arrays.hashes, hp.dup_threshold)
+            table = make_split_table(
+                self.manifest, groups, hp.val_fraction, hp.test_fraction, hp.split_seed, hp.num_folds, hp.fold
+            )
+        log_split(table)
+        if hp.output_dir:
+            Path(hp.output_dir).mkdir(parents=True, exist_ok=True)
+            table.to_csv(Path(hp.output_dir) / "split.csv", index=False)
+        self.split_table = table
+
+        labels = self.manifest["label"].to_numpy()
+        split = table.set_index("id").loc[self.manifest["id"], "split"].to_numpy()
+        train_idx = np.flatnonzero(split == "train")
+        transform = train_augmentation(hp.aug_strength, seed=hp.seed) if hp.augment else None
+        self.datasets = {
+            name: BUSIDataset(
+                self.arrays, np.flatnonzero(split == name), labels, transform if name == "train" else None
+            )
+            for name in SPLITS
+        }
+        self.datasets["all"] = BUSIDataset(self.arrays, np.arange(len(labels)), labels)
+        if len(train_idx):
+            self._fit_statistics(train_idx, labels[train_idx])
+
+    def _fit_statistics(self, train_idx: np.ndarray, train_labels: np.ndarray) -> None:
+        """Class weights and intensity mean/std from the train split only (no peeking at val/test)."""
+        absent = [CLASSES[c] for c in range(len(CLASSES)) if c not in train_labels]
+        if absent:
+            raise BUSIDataError(
+                f"{self.hparams.root}: the train split has no {absent} images; the classifier cannot learn "
+                "them. Use a dataset with all three classes (or a smaller data.test_fraction)."
+            )
+        if self.hparams.balanced_sampler:
+            log.info("Balanced sampler on: classes are balanced by sampling, so the loss is not re-weighted.")
+        else:
+            weights = compute_class_weight("balanced", classes=np.arange(len(CLASSES)), y=train_labels)
+            self.class_weights = torch.tensor(weights, dtype=torch.float32)
+        total = total_sq = 0.0
+        for j in train_idx:
+            pixels = np.asarray(self.arrays.images[j], dtype=np.float64) / 255.0
+            total, total_sq = total + pixels.mean(), total_sq + (pixels**2).mean()
+        mean = total / len(train_idx)
+        self.pixel_mean, self.pixel_std = mean, max(float(np.sqrt(total_sq / len(train_idx) - mean**2)), 1e-3)
+        log.info(
+            "Train split: class weights %s, pixel mean %.4f std %.4f",
+            dict(zip(CLASSES, np.round(self.class_weights.tolist(), 3), strict=True)),
+            self.pixel_mean,
+            self.pixel_std,
+        )
+
+    def _loader(self, name: str, train: bool = False) -> DataLoader:
+        hp = self.hparams
+        dataset = self.datasets[name]
+        sampler = None
+        if train and hp.balanced_sampler:
+            counts = np.bincount(dataset.labels[dataset.indices], minlength=len(CLASSES))
+            weights = 1.0 / counts[dataset.labels[dataset.indices]]
+            generator = torch.Generator().manual_seed(hp.seed)
+            sampler = WeightedRandomSampler(
+                weights.tolist(), len(dataset), replacement=True, generator=generator
+            )
+        return DataLoader(
+            dataset,
+            batch_size=hp.batch_size if train else (hp.eval_batch_size or hp.batch_size),
+            shuffle=train and sampler is None,
+            sampler=sampler,
+            drop_last=train and len(dataset) > hp.batch_size,
+            num_workers=hp.num_workers,
+            pin_memory=hp.pin_memory,
+            persistent_workers=hp.persistent_workers and hp.num_workers > 0,
+            worker_init_fn=seed_augmentation_worker,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test")

@@ -1,0 +1,1 @@
+"""The multi-task network (``factory``) and its LightningModule (``module``)."""

@@ -1,0 +1,165 @@
+"""The multi-task network: an smp encoder-decoder for the lesion mask plus a classification head.
+
+``build_model`` wraps ``segmentation_models_pytorch.create_model`` and adds what BUSI work needs: one
+input channel, an MLP head on the bottleneck features for normal/benign/malignant, the intensity
+normalisation as the first layer, and encoder weights from smp's hub (``imagenet``), from a local state
+dict (air-gapped machines), or none.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import segmentation_models_pytorch as smp
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+ARCHS = ("unet", "unetplusplus", "fpn", "deeplabv3plus")
+LOCAL_WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
+#: Keys of ImageNet classifier layers that encoders drop; ignored when loading a local state dict.
+CLASSIFIER_PREFIXES = ("fc.", "classifier.", "head.", "_fc.", "last_linear.")
+
+
+class EncoderWeightsError(RuntimeError):
+    """Encoder weights could not be obtained or do not fit the encoder."""
+
+
+class ClassificationHead(nn.Module):
+    """Global average pooling of the bottleneck features, then dropout + FC layers."""
+
+    def __init__(
+        self, in_channels: int, num_classes: int, hidden: Sequence[int] = (256,), dropout: float = 0.3
+    ):
+        super().__init__()
+        layers: list[nn.Module] = [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+        width = in_channels
+        for size in hidden:
+            layers += [nn.Dropout(dropout), nn.Linear(width, size), nn.ReLU(inplace=True)]
+            width = size
+        layers += [nn.Dropout(dropout), nn.Linear(width, num_classes)]
+        self.layers = nn.Sequential(*layers)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.layers(features)
+
+
+class MultiTaskNet(nn.Module):
+    """Images in [0, 1] (B, 1, H, W) -> (mask logits (B, 1, H, W), class logits (B, num_classes)).
+
+    The z-score normalisation is a buffer pair set from the train split, so it travels with the weights
+    into checkpoints and exported models.
+    """
+
+    def __init__(self, seg: smp.base.SegmentationModel, head: nn.Module) -> None:
+        super().__init__()
+        self.seg = seg
+        self.head = head
+        self.register_buffer("pixel_mean", torch.tensor(0.5))
+        self.register_buffer("pixel_std", torch.tensor(0.25))
+
+    def set_normalization(self, mean: float, std: float) -> None:
+        self.pixel_mean.fill_(mean)
+        self.pixel_std.fill_(std)
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = (images - self.pixel_mean) / self.pixel_std
+        features = self.seg.encoder(x)
+        masks = self.seg.segmentation_head(self.seg.decoder(features))
+        return masks, self.head(features[-1])
+
+
+def _adapt_first_conv(state: dict[str, torch.Tensor], target: dict[str, torch.Tensor]) -> None:
+    """Sum RGB filters into one channel where the file has 3 input channels and the encoder 1."""
+    for key, value in state.items():
+        want = target.get(key)
+        if want is not None and value.ndim == 4 and value.shape[1] == 3 and want.shape[1] == 1:
+            state[key] = value.sum(dim=1, keepdim=True)
+
+
+def load_local_encoder_weights(encoder: nn.Module, path: Path) -> None:
+    """Load an encoder state dict from ``.pth``/``.pt``/``.bin`` (weights_only) or ``.safetensors``.
+
+    Accepts bare encoder keys or keys prefixed ``encoder.``; ImageNet classifier keys are ignored. Any
+    other missing or unexpected key is an error: silently half-loaded weights would be worse than none.
+    """
+    if not path.is_file():
+        raise EncoderWeightsError(f"model.encoder_weights={path}: file not found.")
+    try:
+        if path.suffix == ".safetensors":
+            state = load_file(str(path), device="cpu")
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise EncoderWeightsError(
+            f"model.encoder_weights={path}: cannot be read as a state dict ({err})."
+        ) from err
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise EncoderWeightsError(f"model.encoder_weights={path}: expected a mapping of names to tensors.")
+    if state and all(k.startswith("encoder.") for k in state):
+        state = {k.removeprefix("encoder."): v for k, v in state.items()}
+    ignored = [k for k in state if k.startswith(CLASSIFIER_PREFIXES)]
+    state = {k: v for k, v in state.items() if k not in ignored}
+    target = encoder.state_dict()
+    _adapt_first_conv(state, target)
+    missing = sorted(set(target) - set(state))
+    unexpected = sorted(set(state) - set(target))
+    wrong_shape = sorted(k for k in set(state) & set(target) if state[k].shape != target[k].shape)
+    if missing or unexpected or wrong_shape:
+        raise EncoderWeightsError(
+            f"model.encoder_weights={path} does not fit encoder {type(encoder).__name__}: "
+            f"{len(missing)} missing (e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]}), "
+            f"{len(wrong_shape)} of wrong shape (e.g. {wrong_shape[:3]}). Check model.encoder_name."
+        )
+    encoder.load_state_dict(state)
+    log.info(
+        "Loaded encoder weights from %s (%d tensors; ignored %d classifier keys).",
+        path,
+        len(state),
+        len(ignored),
+    )
+
+
+def _download_encoder(arch: str, encoder_name: str, weights: str, **kwargs) -> smp.base.SegmentationModel:
+    try:
+        return smp.create_model(arch, encoder_name=encoder_name, encoder_weights=weights, **kwargs)
+    except Exception as err:  # hub/network errors come in many types; names were validated already
+        raise EncoderWeightsError(
+            f"Could not get '{weights}' weights for encoder {encoder_name} ({type(err).__name__}: {err}). "
+            "Without internet, use one of: model.encoder_weights=null (train from scratch); "
+            "model.encoder_weights=/path/to/encoder.pth or .safetensors (a local encoder state dict); "
+            "or copy the weights into the Hugging Face / torch hub cache on a connected machine."
+        ) from err
+
+
+def build_model(
+    arch: str = "unet",
+    encoder_name: str = "resnet34",
+    encoder_weights: str | None = None,
+    encoder_depth: int = 5,
+    decoder_channels: Sequence[int] | None = None,
+    head_hidden: Sequence[int] = (256,),
+    head_dropout: float = 0.3,
+    num_classes: int = 3,
+) -> MultiTaskNet:
+    """The multi-task network for ``conf/model/*.yaml``; see the module docstring for weight sources."""
+    if arch not in ARCHS:
+        raise ValueError(f"model.arch={arch!r}: choose one of {ARCHS}.")
+    kwargs: dict = {"in_channels": 1, "classes": 1, "encoder_depth": encoder_depth}
+    if decoder_channels is not None:
+        kwargs["decoder_channels"] = list(decoder_channels)
+    seg = smp.create_model(arch, encoder_name=encoder_name, encoder_weights=None, **kwargs)  # validates names
+    if encoder_weights is not None:
+        as_path = Path(str(encoder_weights)).expanduser()
+        if as_path.suffix in LOCAL_WEIGHT_SUFFIXES or as_path.exists():
+            load_local_encoder_weights(seg.encoder, as_path)
+        else:
+            seg = _download_encoder(arch, encoder_name, encoder_weights, **kwargs)
+    head = ClassificationHead(seg.encoder.out_channels[-1], num_classes, head_hidden, head_dropout)
+    return MultiTaskNet(seg, head)

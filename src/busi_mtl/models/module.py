@@ -1,0 +1,171 @@
+"""MultiTaskModule: training, validation and testing of the segmentation + classification network.
+
+Hyperparameters are plain dicts (``net``, ``loss``, ``optimizer``, ``scheduler``), saved into every
+checkpoint, so a checkpoint rebuilds its own network without the run's config files.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import hydra
+import pytorch_lightning as pl
+import torch
+from torch import nn
+
+from busi_mtl.data import CLASSES
+from busi_mtl.losses import MultiTaskLoss
+from busi_mtl.metrics import SegmentationMetrics, binarize, classification_metrics, confusion_matrix
+from busi_mtl.models.factory import MultiTaskNet, build_model
+
+log = logging.getLogger(__name__)
+
+STAGES = ("val", "test")
+
+
+def cosine_with_warmup(warmup_steps: int, total_steps: int, min_lr_ratio: float):
+    """LR multiplier per optimizer step: linear warmup, then cosine decay to ``min_lr_ratio``."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+class MultiTaskModule(pl.LightningModule):
+    """Lesion segmentation + normal/benign/malignant classification with ``alpha*seg + beta*cls``."""
+
+    def __init__(
+        self,
+        net: dict,
+        loss: dict,
+        optimizer: dict,
+        scheduler: dict,
+        monitor: str = "val/score",
+        threshold: float = 0.5,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.net: MultiTaskNet = build_model(**net)
+        self.criterion = MultiTaskLoss(**loss)
+        self.seg_metrics = nn.ModuleDict({stage: SegmentationMetrics() for stage in STAGES})
+        self.cls_metrics = nn.ModuleDict({stage: classification_metrics(len(CLASSES)) for stage in STAGES})
+        self.confusion = nn.ModuleDict({stage: confusion_matrix(len(CLASSES)) for stage in STAGES})
+        #: Last computed metrics per stage (python floats), read by the entry points for metrics.json.
+        self.results: dict[str, dict] = {}
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.net(images)
+
+    def setup(self, stage: str) -> None:
+        """Take the train split's class weights and intensity statistics from the datamodule."""
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if stage == "fit" and datamodule is not None:
+            self.criterion.set_class_weights(datamodule.class_weights)
+            self.net.set_normalization(datamodule.pixel_mean, datamodule.pixel_std)
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        mask_logits, class_logits = self(batch["image"])
+        losses = self.criterion(mask_logits, class_logits, batch["mask"], batch["label"])
+        self.log_dict(
+            {f"train/{k}": v for k, v in losses.items()},
+            on_step=True,
+            on_epoch=True,
+            batch_size=len(batch["label"]),
+        )
+        return losses["loss"]
+
+    def _eval_step(self, batch: dict, stage: str) -> None:
+        mask_logits, class_logits = self(batch["image"])
+        losses = self.criterion(mask_logits, class_logits, batch["mask"], batch["label"])
+        self.log_dict(
+            {f"{stage}/{k}": v for k, v in losses.items()}, on_epoch=True, batch_size=len(batch["label"])
+        )
+        probs = class_logits.float().softmax(dim=1)
+        self.seg_metrics[stage].update(
+            binarize(mask_logits, self.hparams.threshold), batch["mask"], batch["label"]
+        )
+        self.cls_metrics[stage].update(probs, batch["label"])
+        self.confusion[stage].update(probs, batch["label"])
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step(batch, "test")
+
+    def _end_epoch(self, stage: str) -> None:
+        values = {**self.seg_metrics[stage].compute(), **self.cls_metrics[stage].compute()}
+        values = {k: torch.as_tensor(v, dtype=torch.float32, device=self.device) for k, v in values.items()}
+        # One number that rewards both tasks, for checkpointing, early stopping and sweeps.
+        values["score"] = (values["dice"] + values["f1"]) / 2
+        self.log_dict({f"{stage}/{k}": v for k, v in values.items()})
+        confusion = self.confusion[stage].compute()
+        self.results[stage] = {k: v.item() for k, v in values.items()}
+        self.results[stage]["confusion_matrix"] = confusion.long().tolist()
+        for metric in (self.seg_metrics[stage], self.cls_metrics[stage], self.confusion[stage]):
+            metric.reset()
+
+    def on_validation_epoch_end(self) -> None:
+        self._end_epoch("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._end_epoch("test")
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Store this epoch's val metrics, so the best checkpoint knows the numbers it was chosen for."""
+        checkpoint["busi_mtl"] = {"classes": list(CLASSES), "val_metrics": self.results.get("val")}
+
+    def configure_optimizers(self) -> dict:
+        optimizer = hydra.utils.instantiate(self.hparams.optimizer, params=self.parameters())
+        cfg = dict(self.hparams.scheduler)
+        name = cfg.pop("name")
+        if name == "none":
+            return {"optimizer": optimizer}
+        if name == "cosine":
+            if self.trainer.max_epochs is None or self.trainer.max_epochs < 1:
+                raise ValueError("scheduler=cosine needs a finite trainer.max_epochs.")
+            total = int(self.trainer.estimated_stepping_batches)
+            warmup = round(cfg["warmup_epochs"] * total / self.trainer.max_epochs)
+            factor = cosine_with_warmup(warmup, total, cfg["min_lr_ratio"])
+            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        if name == "plateau":
+            scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+                optimizer, mode=cfg["mode"], factor=cfg["factor"], patience=cfg["patience"]
+            )
+            return {
+                "optimizer": optimizer,
+                "lr_scheduler": {
+                    "scheduler": scheduler,
+                    "monitor": self.hparams.monitor,
+                    "interval": "epoch",
+                },
+            }
+        raise ValueError(f"scheduler.name={name!r}: choose cosine, plateau or none.")
+
+
+def load_module(ckpt_path: str | Path, map_location: str | torch.device = "cpu") -> MultiTaskModule:
+    """Rebuild a trained module from a checkpoint alone, safely (``weights_only=True``).
+
+    Encoder weights are not fetched again (the checkpoint holds them); a checkpoint whose tensors do
+    not fit the architecture it names gets an error instead of a half-loaded model.
+    """
+    ckpt = torch.load(ckpt_path, map_location=map_location, weights_only=True)
+    if "hyper_parameters" not in ckpt or "net" not in ckpt["hyper_parameters"]:
+        raise ValueError(f"{ckpt_path}: not a busi-mtl checkpoint (no model hyperparameters inside).")
+    hparams = dict(ckpt["hyper_parameters"])
+    hparams["net"] = {**hparams["net"], "encoder_weights": None}
+    module = MultiTaskModule(**hparams)
+    try:
+        module.load_state_dict(ckpt["state_dict"])
+    except RuntimeError as err:
+        raise ValueError(
+            f"{ckpt_path}: weights do not match the architecture saved with them ({hparams['net']}): {err}"
+        ) from err
+    return module.eval()

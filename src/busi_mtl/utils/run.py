@@ -1,0 +1,169 @@
+"""What every entry point does around its job: instantiate from config, record provenance, report."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import math
+import platform
+import subprocess
+import sys
+import traceback
+from collections.abc import Callable, Mapping
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning import Callback
+from pytorch_lightning.loggers import Logger
+from rich.console import Console
+from rich.table import Table
+from rich.tree import Tree
+
+log = logging.getLogger(__name__)
+
+PACKAGES = (
+    "busi-mtl",
+    "torch",
+    "torchvision",
+    "pytorch-lightning",
+    "segmentation-models-pytorch",
+    "timm",
+    "torchmetrics",
+    "albumentations",
+    "opencv-python-headless",
+    "numpy",
+    "scikit-learn",
+    "hydra-core",
+    "omegaconf",
+)
+
+
+def instantiate_list(cfg: DictConfig | None, kind: type) -> list:
+    """Instantiate every ``_target_`` entry of a config group (callbacks or loggers), checking the type."""
+    objects = []
+    for name, entry in (cfg or {}).items():
+        if isinstance(entry, DictConfig) and "_target_" in entry:
+            obj = hydra.utils.instantiate(entry)
+            if not isinstance(obj, kind):
+                raise TypeError(f"{name}: {entry._target_} is not a {kind.__name__}")
+            objects.append(obj)
+    return objects
+
+
+def instantiate_callbacks(cfg: DictConfig | None) -> list[Callback]:
+    return instantiate_list(cfg, Callback)
+
+
+def instantiate_loggers(cfg: DictConfig | None) -> list[Logger]:
+    return instantiate_list(cfg, Logger)
+
+
+def git_commit() -> dict[str, Any]:
+    """Commit of the source tree the package runs from, and whether it had uncommitted changes."""
+    source = Path(__file__).resolve().parents[3]
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=source, capture_output=True, text=True, check=True, timeout=10
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=source,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=10,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "dirty": None}
+    return {"commit": commit, "dirty": bool(dirty)}
+
+
+def run_info() -> dict[str, Any]:
+    """Package versions, Python, platform, accelerator and git commit: what a number depends on."""
+    import torch
+
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return {
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "cuda": torch.version.cuda if torch.cuda.is_available() else None,
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "command": sys.argv,
+        "packages": versions,
+        "git": git_commit(),
+    }
+
+
+def print_config(cfg: DictConfig, save_to: Path | None = None) -> None:
+    """The composed config as a rich tree (one branch per group), also saved as text in the run dir."""
+    tree = Tree("config", guide_style="dim")
+    for key, value in cfg.items():
+        branch = tree.add(str(key))
+        text = OmegaConf.to_yaml(value, resolve=True) if isinstance(value, DictConfig) else str(value)
+        branch.add(text.rstrip())
+    console = Console()
+    console.print(tree)
+    if save_to is not None:
+        with save_to.open("w") as fh:
+            Console(file=fh, width=120).print(tree)
+
+
+def print_metrics(results: Mapping[str, Mapping[str, Any]], title: str = "Results") -> None:
+    """One row per metric, one column per stage (val/test): the run's final numbers, readable."""
+    stages = [s for s in results if isinstance(results[s], Mapping)]
+    names = sorted({k for s in stages for k, v in results[s].items() if isinstance(v, (int, float))})
+    table = Table(title=title)
+    table.add_column("metric")
+    for stage in stages:
+        table.add_column(stage, justify="right")
+    for name in names:
+        cells = []
+        for stage in stages:
+            value = results[stage].get(name)
+            cells.append(
+                "" if value is None else (f"{value:.4f}" if isinstance(value, float) else str(value))
+            )
+        table.add_row(name, *cells)
+    Console().print(table)
+
+
+def json_safe(obj: Any) -> Any:
+    """NaN/inf as null (strict JSON), recursively."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, Mapping):
+        return {str(k): json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
+def write_json(path: Path, payload: Mapping) -> None:
+    path.write_text(json.dumps(json_safe(payload), indent=2, allow_nan=False))
+
+
+def task_wrapper(task: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
+    """Record a failure in the run dir (``error.txt``) before re-raising, so a failed job of a
+    multirun is visible as failed and never mistaken for a finished one."""
+
+    @functools.wraps(task)
+    def wrapped(cfg: DictConfig) -> Any:
+        try:
+            return task(cfg)
+        except BaseException as err:
+            out = Path(cfg.paths.output_dir)
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "error.txt").write_text("".join(traceback.format_exception(err)))
+            log.error("%s failed: %s (traceback in %s)", cfg.get("task_name", "task"), err, out / "error.txt")
+            raise
+
+    return wrapped

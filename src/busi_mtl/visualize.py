@@ -1,0 +1,86 @@
+"""Pictures a researcher checks a model with: contour overlays, galleries and confusion matrices."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import cv2
+import matplotlib
+
+matplotlib.use("Agg")  # headless: figures are only ever written to files or TensorBoard
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.figure import Figure
+
+GT_COLOUR = (0, 255, 0)  # RGB
+PRED_COLOUR = (255, 64, 64)
+
+
+def draw_overlay(
+    image: np.ndarray,
+    pred_mask: np.ndarray | None = None,
+    gt_mask: np.ndarray | None = None,
+    lines: Sequence[str] = (),
+) -> np.ndarray:
+    """RGB uint8 copy of a grayscale image with the true (green) and predicted (red) lesion contours."""
+    if image.dtype != np.uint8:
+        image = np.clip(image * 255.0, 0, 255).astype(np.uint8)
+    canvas = cv2.cvtColor(image, cv2.COLOR_GRAY2RGB)
+    thickness = max(1, round(min(image.shape) / 160))
+    for mask, colour in ((gt_mask, GT_COLOUR), (pred_mask, PRED_COLOUR)):
+        if mask is not None:
+            contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+            cv2.drawContours(canvas, contours, -1, colour, thickness)
+    scale = max(0.3, min(image.shape) / 500)
+    for row, text in enumerate(lines):
+        y = int((row + 1) * 16 * scale) + 2
+        cv2.putText(canvas, text, (3, y), cv2.FONT_HERSHEY_SIMPLEX, 0.4 * scale, (0, 0, 0), 3, cv2.LINE_AA)
+        cv2.putText(
+            canvas, text, (3, y), cv2.FONT_HERSHEY_SIMPLEX, 0.4 * scale, (255, 255, 0), 1, cv2.LINE_AA
+        )
+    return canvas
+
+
+def tile(images: Sequence[np.ndarray], columns: int = 4, pad: int = 2) -> np.ndarray:
+    """Equal-sized RGB tiles in a grid, row-major, on a white background."""
+    if not images:
+        raise ValueError("no images to tile")
+    h, w = images[0].shape[:2]
+    rows = -(-len(images) // columns)
+    cols = min(columns, len(images))
+    grid = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, 3), 255, dtype=np.uint8)
+    for k, img in enumerate(images):
+        r, c = divmod(k, columns)
+        grid[pad + r * (h + pad) : pad + r * (h + pad) + h, pad + c * (w + pad) : pad + c * (w + pad) + w] = (
+            img
+        )
+    return grid
+
+
+def class_lines(
+    true_class: str | None, pred_class: str, probs: Sequence[float], classes: Sequence[str]
+) -> list[str]:
+    """Caption lines: true vs predicted class and the class probabilities."""
+    head = f"{true_class} -> {pred_class}" if true_class is not None else pred_class
+    return [head, " ".join(f"{c[:3]} {p:.2f}" for c, p in zip(classes, probs, strict=True))]
+
+
+def confusion_figure(matrix: np.ndarray, classes: Sequence[str], title: str = "Confusion matrix") -> Figure:
+    """Counts with row-normalised shading (rows: true class, columns: predicted)."""
+    matrix = np.asarray(matrix)
+    rates = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
+    fig, ax = plt.subplots(figsize=(4.2, 3.8), dpi=120)
+    ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(len(classes)), classes)
+    ax.set_yticks(range(len(classes)), classes)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    for i in range(len(classes)):
+        for j in range(len(classes)):
+            colour = "white" if rates[i, j] > 0.6 else "black"
+            ax.text(
+                j, i, f"{matrix[i, j]}\n{rates[i, j]:.0%}", ha="center", va="center", color=colour, fontsize=8
+            )
+    fig.tight_layout()
+    return fig
