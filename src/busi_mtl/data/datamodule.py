@@ -48,7 +48,7 @@ class BUSIDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict:
         j = int(self.indices[i])
-        image, mask = np.asarray(self.arrays.images[j]), np.asarray(self.arrays.masks[j])
+        image, mask = np.array(self.arrays.images[j]), np.array(self.arrays.masks[j])  # writable copies
         if self.transform is not None:
             out = self.transform(image=image, mask=mask)
             image, mask = out["image"], out["mask"]
@@ -93,6 +93,7 @@ class BUSIDataModule(pl.LightningDataModule):
         hash_size: int = 16,
         dup_threshold: int = 64,
         on_missing_mask: str = "error",
+        required_classes: list[str] | None = None,
         augment: bool = True,
         aug_strength: float = 1.0,
         balanced_sampler: bool = False,
@@ -125,7 +126,9 @@ class BUSIDataModule(pl.LightningDataModule):
 
     def _load_arrays(self) -> None:
         if self.arrays is None:
-            self.manifest = scan_busi(self.hparams.root, self.hparams.on_missing_mask)
+            self.manifest = scan_busi(
+                self.hparams.root, self.hparams.on_missing_mask, self.hparams.required_classes or CLASSES
+            )
             self.arrays = build_cache(self.manifest, self.preprocessing, self.hparams.cache_dir)
 
     def setup(self, stage: str | None = None) -> None:
@@ -158,7 +161,7 @@ class BUSIDataModule(pl.LightningDataModule):
             for name in SPLITS
         }
         self.datasets["all"] = BUSIDataset(self.arrays, np.arange(len(labels)), labels)
-        if len(train_idx):
+        if stage in (None, "fit"):
             self._fit_statistics(train_idx, labels[train_idx])
 
     def _fit_statistics(self, train_idx: np.ndarray, train_labels: np.ndarray) -> None:
@@ -187,7 +190,8 @@ class BUSIDataModule(pl.LightningDataModule):
             self.pixel_std,
         )
 
-    def _loader(self, name: str, train: bool = False) -> DataLoader:
+    def dataloader(self, name: str, train: bool = False) -> DataLoader:
+        """DataLoader over one split ("train", "val", "test") or over every image ("all")."""
         hp = self.hparams
         dataset = self.datasets[name]
         sampler = None
@@ -211,10 +215,10 @@ class BUSIDataModule(pl.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", train=True)
+        return self.dataloader("train", train=True)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("val")
+        return self.dataloader("val")
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test")
+        return self.dataloader("test")

@@ -99,6 +99,17 @@ class MultiTaskModule(pl.LightningModule):
     def test_step(self, batch: dict, batch_idx: int) -> None:
         self._eval_step(batch, "test")
 
+    def predict_step(self, batch: dict, batch_idx: int) -> dict:
+        """Per-image outputs on the CPU, for evaluation reports (masks at the model's resolution)."""
+        mask_logits, class_logits = self(batch["image"])
+        return {
+            "id": list(batch["id"]),
+            "label": batch["label"].cpu(),
+            "probs": class_logits.float().softmax(dim=1).cpu(),
+            "pred_mask": binarize(mask_logits, self.hparams.threshold)[:, 0].cpu(),
+            "true_mask": batch["mask"][:, 0].bool().cpu(),
+        }
+
     def _end_epoch(self, stage: str) -> None:
         values = {**self.seg_metrics[stage].compute(), **self.cls_metrics[stage].compute()}
         values = {k: torch.as_tensor(v, dtype=torch.float32, device=self.device) for k, v in values.items()}

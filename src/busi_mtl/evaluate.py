@@ -1,0 +1,141 @@
+"""Evaluate a checkpoint: ``python -m busi_mtl.evaluate ckpt_path=... [split=test|val|all] [data.root=...]``.
+
+Preprocessing comes from the checkpoint (its saved datamodule settings), never from a second copy of
+the config; only where the data is and how it is split can be overridden. Writes ``metrics.json``,
+``per_image.csv``, ``confusion_matrix.png`` and ``gallery.png`` to the run directory.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import hydra
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import pytorch_lightning as pl
+import torch
+from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.callbacks import RichProgressBar
+
+from busi_mtl.callbacks import pick_gallery_indices
+from busi_mtl.data import CLASSES
+from busi_mtl.data.datamodule import BUSIDataModule
+from busi_mtl.metrics import SegmentationMetrics, classification_metrics, confusion_matrix, per_image_scores
+from busi_mtl.models.module import load_module
+from busi_mtl.utils.paths import CONFIG_DIR
+from busi_mtl.utils.run import print_metrics, run_info, task_wrapper, write_json
+from busi_mtl.visualize import class_lines, confusion_figure, draw_overlay, tile
+
+log = logging.getLogger(__name__)
+
+
+def datamodule_from_checkpoint(ckpt_path: Path, overrides: dict, split: str, output_dir: Path) -> BUSIDataModule:
+    """The checkpoint's own data settings, with where-and-how-split overrides; no augmentation.
+
+    Unless ``data.split_file`` is given, the training run's saved ``split.csv`` is reused when it is still
+    there, so the test set is exactly the one the run held out (and a changed dataset is an error).
+    """
+    saved = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    if "datamodule_hyper_parameters" not in saved:
+        raise ValueError(f"{ckpt_path}: no data settings inside; was it written by busi_mtl.train?")
+    hparams = dict(saved["datamodule_hyper_parameters"])
+    run_split = Path(hparams.get("output_dir") or "") / "split.csv"
+    if run_split.is_file() and split != "all":
+        hparams["split_file"] = str(run_split)
+    hparams.update({k: v for k, v in overrides.items() if v is not None})
+    if split == "all":  # no split is made: every image is evaluated
+        hparams.update(split_file=None, val_fraction=0.0, test_fraction=0.0, num_folds=None)
+    hparams.update(augment=False, balanced_sampler=False, output_dir=str(output_dir))
+    return BUSIDataModule(**hparams)
+
+
+def per_image_table(outputs: list[dict]) -> pd.DataFrame:
+    """One row per image: id, true/predicted class, probabilities, Dice, IoU, predicted lesion pixels."""
+    probs = torch.cat([o["probs"] for o in outputs])
+    preds, masks = torch.cat([o["pred_mask"] for o in outputs]), torch.cat([o["true_mask"] for o in outputs])
+    dice, iou = per_image_scores(preds, masks)
+    labels = torch.cat([o["label"] for o in outputs]).numpy()
+    table = pd.DataFrame(
+        {
+            "id": [i for o in outputs for i in o["id"]],
+            "class": [CLASSES[k] for k in labels],
+            "pred_class": [CLASSES[k] for k in probs.argmax(1).numpy()],
+            **{f"p_{c}": probs[:, k].numpy() for k, c in enumerate(CLASSES)},
+            "dice": dice.numpy(),
+            "iou": iou.numpy(),
+            "pred_lesion_px": preds.flatten(1).sum(1).numpy(),
+            "true_lesion_px": masks.flatten(1).sum(1).numpy(),
+        }
+    )
+    return table
+
+
+def aggregate(outputs: list[dict]) -> dict:
+    """The same metric definitions as training (busi_mtl.metrics) over all predicted images."""
+    seg, cls, cm = SegmentationMetrics(), classification_metrics(len(CLASSES)), confusion_matrix(len(CLASSES))
+    for o in outputs:
+        seg.update(o["pred_mask"], o["true_mask"], o["label"])
+        cls.update(o["probs"], o["label"])
+        cm.update(o["probs"], o["label"])
+    values = {k: float(v) for k, v in {**seg.compute(), **cls.compute()}.items()}
+    values["score"] = (values["dice"] + values["f1"]) / 2
+    values["confusion_matrix"] = cm.compute().long().tolist()
+    return values
+
+
+def gallery(datamodule: BUSIDataModule, split: str, table: pd.DataFrame, preds: np.ndarray, count: int) -> np.ndarray:
+    """Overlays of images from every class: true (green) / predicted (red) contours and classes."""
+    dataset = datamodule.datasets[split]
+    tiles = []
+    for k in pick_gallery_indices(dataset.labels[dataset.indices], count):
+        sample, row = dataset[k], table.iloc[k]
+        probs = [row[f"p_{c}"] for c in CLASSES]
+        lines = class_lines(row["class"], row["pred_class"], probs, CLASSES)
+        tiles.append(draw_overlay(sample["image"][0].numpy(), preds[k], sample["mask"][0].numpy(), lines))
+    return tile(tiles, columns=4)
+
+
+@task_wrapper
+def evaluate(cfg: DictConfig) -> dict:
+    out = Path(cfg.paths.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt_path = Path(cfg.ckpt_path).expanduser()
+    if not ckpt_path.is_file():
+        raise FileNotFoundError(f"ckpt_path={ckpt_path}: no such checkpoint file.")
+    if cfg.split not in ("train", "val", "test", "all"):
+        raise ValueError(f"split={cfg.split!r}: choose test, val, train or all.")
+    module = load_module(ckpt_path)
+    if cfg.threshold is not None:
+        module.hparams.threshold = float(cfg.threshold)
+    overrides = OmegaConf.to_container(cfg.data, resolve=True)
+    datamodule = datamodule_from_checkpoint(ckpt_path, overrides, cfg.split, out)
+    datamodule.prepare_data()
+    datamodule.setup("test")
+    trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, logger=False, callbacks=[RichProgressBar()])
+    outputs = trainer.predict(module, dataloaders=datamodule.dataloader(cfg.split))
+
+    table = per_image_table(outputs)
+    metrics = {"ckpt_path": str(ckpt_path), "split": cfg.split, "n_images": len(table), cfg.split: aggregate(outputs)}
+    table.to_csv(out / "per_image.csv", index=False)
+    write_json(out / "metrics.json", metrics)
+    write_json(out / "run_info.json", run_info())
+    figure = confusion_figure(np.array(metrics[cfg.split]["confusion_matrix"]), CLASSES, f"{cfg.split} confusion matrix")
+    figure.savefig(out / "confusion_matrix.png")
+    plt.close(figure)
+    preds = torch.cat([o["pred_mask"] for o in outputs]).numpy()
+    grid = gallery(datamodule, cfg.split, table, preds, cfg.gallery_size)
+    plt.imsave(out / "gallery.png", grid)
+    print_metrics({cfg.split: metrics[cfg.split]}, title=f"{ckpt_path.name} on {cfg.split}")
+    log.info("Evaluation written to %s", out)
+    return metrics
+
+
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="eval")
+def main(cfg: DictConfig) -> None:
+    evaluate(cfg)
+
+
+if __name__ == "__main__":
+    main()

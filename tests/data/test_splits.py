@@ -1,0 +1,110 @@
+"""Grouped stratified splits: proportions, disjointness (duplicate groups too), k-fold, saved split files."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from busi_mtl.data.busi import BUSIDataError
+from busi_mtl.data.splits import grouped_split, make_split_table, read_split_file
+
+
+@pytest.fixture
+def population() -> tuple[np.ndarray, np.ndarray]:
+    """780 samples with BUSI's class mix and ~150 duplicate groups of 2-4 images."""
+    rng = np.random.default_rng(0)
+    labels = rng.choice(3, size=780, p=[133 / 780, 437 / 780, 210 / 780])
+    groups = np.arange(780)
+    for start in rng.choice(770, size=150, replace=False):
+        groups[start : start + rng.integers(2, 5)] = groups[start]
+    return labels, groups
+
+
+def _groups_disjoint(split: np.ndarray, groups: np.ndarray) -> bool:
+    return pd.Series(split).groupby(groups).nunique().max() == 1
+
+
+def test_split_fractions_and_stratification(population):
+    labels, groups = population
+    split, folds = grouped_split(labels, groups, 0.15, 0.15, seed=1)
+    assert (folds == -1).all()
+    sizes = pd.Series(split).value_counts(normalize=True)
+    assert sizes["train"] == pytest.approx(0.70, abs=0.03)
+    assert sizes["val"] == pytest.approx(0.15, abs=0.03) and sizes["test"] == pytest.approx(0.15, abs=0.03)
+    overall = np.bincount(labels, minlength=3) / len(labels)
+    for name in ("train", "val", "test"):
+        part = np.bincount(labels[split == name], minlength=3) / (split == name).sum()
+        assert np.abs(part - overall).max() < 0.04, name
+    assert _groups_disjoint(split, groups)
+
+
+def test_split_is_seeded(population):
+    labels, groups = population
+    a, _ = grouped_split(labels, groups, seed=5)
+    b, _ = grouped_split(labels, groups, seed=5)
+    c, _ = grouped_split(labels, groups, seed=6)
+    assert (a == b).all() and (a != c).any()
+
+
+def test_kfold_folds_disjoint_cover_the_rest_and_keep_test_fixed(population):
+    labels, groups = population
+    plain, _ = grouped_split(labels, groups, seed=2)
+    vals = []
+    for fold in range(5):
+        split, folds = grouped_split(labels, groups, seed=2, num_folds=5, fold=fold)
+        assert ((split == "test") == (plain == "test")).all()
+        assert set(folds[split == "test"]) == {-1} and set(folds[split != "test"]) == set(range(5))
+        assert (split[folds == fold] == "val").all() and (split[(folds != fold) & (folds >= 0)] == "train").all()
+        assert _groups_disjoint(split, groups)
+        vals.append(set(np.flatnonzero(split == "val")))
+    assert sum(len(v) for v in vals) == (plain != "test").sum()
+    assert set().union(*vals) == set(np.flatnonzero(plain != "test"))
+
+
+@pytest.mark.parametrize(
+    ("val", "test", "message"),
+    [(0.5, 0.5, "together below 1"), (0.13, 0.15, "multiples of 1/n"), (-0.1, 0.1, "must be in")],
+)
+def test_bad_fractions(population, val, test, message):
+    labels, groups = population
+    with pytest.raises(ValueError, match=message):
+        grouped_split(labels, groups, val, test)
+
+
+def test_bad_fold(population):
+    with pytest.raises(ValueError, match=r"data\.fold=5"):
+        grouped_split(*population, num_folds=5, fold=5)
+
+
+def _manifest(n: int = 60) -> pd.DataFrame:
+    labels = np.arange(n) % 3
+    classes = np.array(["normal", "benign", "malignant"])[labels]
+    return pd.DataFrame({"id": [f"{c} ({i})" for i, c in enumerate(classes)], "class": classes, "label": labels})
+
+
+def test_split_file_roundtrip_and_corruption(tmp_path):
+    manifest = _manifest()
+    table = make_split_table(manifest, np.arange(60), 0.15, 0.15, seed=0)
+    path = tmp_path / "split.csv"
+    table.to_csv(path, index=False)
+    pd.testing.assert_frame_equal(read_split_file(path, manifest), table)
+
+    table.iloc[[0], table.columns.get_loc("id")] = "benign (999)"
+    table.to_csv(path, index=False)
+    with pytest.raises(BUSIDataError, match=r"1 id\(s\) not in the dataset.*benign \(999\)"):
+        read_split_file(path, manifest)
+
+    table.drop(index=0).to_csv(path, index=False)
+    with pytest.raises(BUSIDataError, match="not assigned to any split"):
+        read_split_file(path, manifest)
+
+    path.write_text("id,class\nx,y\n")
+    with pytest.raises(BUSIDataError, match="missing column"):
+        read_split_file(path, manifest)
+
+    bad = make_split_table(manifest, np.arange(60), 0.15, 0.15, seed=0)
+    bad.loc[0, "class"] = "benign"
+    bad.to_csv(path, index=False)
+    with pytest.raises(BUSIDataError, match="class differs"):
+        read_split_file(path, manifest)
