@@ -57,7 +57,10 @@ def make_busi(tmp_path: Path) -> Callable[..., Path]:
             for n in range(1, count + 1):
                 image, mask = lesion_image(seed=100 * k + n)
                 if cls == "normal":
-                    image, mask = np.random.default_rng(n).integers(90, 200, image.shape, dtype=np.uint8), mask * 0
+                    image, mask = (
+                        np.random.default_rng(n).integers(90, 200, image.shape, dtype=np.uint8),
+                        mask * 0,
+                    )
                 write_png(root / cls / f"{cls} ({n}).png", image)
                 write_png(root / cls / f"{cls} ({n})_mask.png", mask * 255)
         return root

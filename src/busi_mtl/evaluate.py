@@ -31,7 +31,9 @@ from busi_mtl.visualize import class_lines, confusion_figure, draw_overlay, tile
 log = logging.getLogger(__name__)
 
 
-def datamodule_from_checkpoint(ckpt_path: Path, overrides: dict, split: str, output_dir: Path) -> BUSIDataModule:
+def datamodule_from_checkpoint(
+    ckpt_path: Path, overrides: dict, split: str, output_dir: Path
+) -> BUSIDataModule:
     """The checkpoint's own data settings, with where-and-how-split overrides; no augmentation.
 
     Unless ``data.split_file`` is given, the training run's saved ``split.csv`` is reused when it is still
@@ -85,7 +87,9 @@ def aggregate(outputs: list[dict]) -> dict:
     return values
 
 
-def gallery(datamodule: BUSIDataModule, split: str, table: pd.DataFrame, preds: np.ndarray, count: int) -> np.ndarray:
+def gallery(
+    datamodule: BUSIDataModule, split: str, table: pd.DataFrame, preds: np.ndarray, count: int
+) -> np.ndarray:
     """Overlays of images from every class: true (green) / predicted (red) contours and classes."""
     dataset = datamodule.datasets[split]
     tiles = []
@@ -117,11 +121,18 @@ def evaluate(cfg: DictConfig) -> dict:
     outputs = trainer.predict(module, dataloaders=datamodule.dataloader(cfg.split))
 
     table = per_image_table(outputs)
-    metrics = {"ckpt_path": str(ckpt_path), "split": cfg.split, "n_images": len(table), cfg.split: aggregate(outputs)}
+    metrics = {
+        "ckpt_path": str(ckpt_path),
+        "split": cfg.split,
+        "n_images": len(table),
+        cfg.split: aggregate(outputs),
+    }
     table.to_csv(out / "per_image.csv", index=False)
     write_json(out / "metrics.json", metrics)
     write_json(out / "run_info.json", run_info())
-    figure = confusion_figure(np.array(metrics[cfg.split]["confusion_matrix"]), CLASSES, f"{cfg.split} confusion matrix")
+    figure = confusion_figure(
+        np.array(metrics[cfg.split]["confusion_matrix"]), CLASSES, f"{cfg.split} confusion matrix"
+    )
     figure.savefig(out / "confusion_matrix.png")
     plt.close(figure)
     preds = torch.cat([o["pred_mask"] for o in outputs]).numpy()

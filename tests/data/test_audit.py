@@ -42,14 +42,19 @@ def test_audit_flags_each_problem(make_busi):
     write_png(root / "benign" / "benign (1)_mask.png", np.zeros_like(mask))  # empty mask, lesion class
     write_png(root / "normal" / "normal (1)_mask.png", mask * 255)  # lesion drawn on a normal image
     write_png(root / "benign" / "benign (2)_mask_1.png", mask * 255)  # second mask
-    write_png(root / "malignant" / "malignant (1)_mask.png", cv2.resize(mask * 255, (64, 48), interpolation=cv2.INTER_NEAREST))  # size mismatch
+    write_png(
+        root / "malignant" / "malignant (1)_mask.png",
+        cv2.resize(mask * 255, (64, 48), interpolation=cv2.INTER_NEAREST),
+    )  # size mismatch
     (root / "malignant" / "malignant (2)_mask.png").unlink()  # missing
     dup = cv2.imread(str(root / "benign" / "benign (3).png"), cv2.IMREAD_GRAYSCALE)
     write_png(root / "malignant" / "malignant (4).png", dup)  # the same scan filed under two classes
     write_png(root / "malignant" / "malignant (4)_mask.png", mask * 255)
 
     report, groups = audit_dataset(root)
-    flagged = {flag: set(report.loc[report[flag], "id"]) for flag in report.columns if report[flag].dtype == bool}
+    flagged = {
+        flag: set(report.loc[report[flag], "id"]) for flag in report.columns if report[flag].dtype == bool
+    }
     assert flagged["empty_mask_lesion"] == {"benign (1)"}
     assert flagged["nonempty_mask_normal"] == {"normal (1)"}
     assert flagged["multi_mask"] == {"benign (2)"}

@@ -125,7 +125,9 @@ def test_empty_class_folder(make_busi):
 def test_lesion_image_without_mask_errors_or_skips(make_busi, caplog):
     root = make_busi()
     (root / "benign" / "benign (2)_mask.png").unlink()
-    with pytest.raises(BUSIDataError, match=r"benign \(2\)\.png: benign image without a mask.*on_missing_mask=skip"):
+    with pytest.raises(
+        BUSIDataError, match=r"benign \(2\)\.png: benign image without a mask.*on_missing_mask=skip"
+    ):
         scan_busi(root)
     with caplog.at_level(logging.WARNING):
         manifest = scan_busi(root, on_missing_mask="skip")

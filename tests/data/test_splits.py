@@ -55,7 +55,9 @@ def test_kfold_folds_disjoint_cover_the_rest_and_keep_test_fixed(population):
         split, folds = grouped_split(labels, groups, seed=2, num_folds=5, fold=fold)
         assert ((split == "test") == (plain == "test")).all()
         assert set(folds[split == "test"]) == {-1} and set(folds[split != "test"]) == set(range(5))
-        assert (split[folds == fold] == "val").all() and (split[(folds != fold) & (folds >= 0)] == "train").all()
+        assert (split[folds == fold] == "val").all() and (
+            split[(folds != fold) & (folds >= 0)] == "train"
+        ).all()
         assert _groups_disjoint(split, groups)
         vals.append(set(np.flatnonzero(split == "val")))
     assert sum(len(v) for v in vals) == (plain != "test").sum()
@@ -80,7 +82,9 @@ def test_bad_fold(population):
 def _manifest(n: int = 60) -> pd.DataFrame:
     labels = np.arange(n) % 3
     classes = np.array(["normal", "benign", "malignant"])[labels]
-    return pd.DataFrame({"id": [f"{c} ({i})" for i, c in enumerate(classes)], "class": classes, "label": labels})
+    return pd.DataFrame(
+        {"id": [f"{c} ({i})" for i, c in enumerate(classes)], "class": classes, "label": labels}
+    )
 
 
 def test_split_file_roundtrip_and_corruption(tmp_path):
