@@ -66,3 +66,51 @@ def make_busi(tmp_path: Path) -> Callable[..., Path]:
         return root
 
     return make
+
+
+def compose_config(config_name: str, overrides: Sequence[str], workdir: Path):
+    """A composed Hydra config as the entry points see it, with all paths under ``workdir``."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    from busi_mtl.utils.paths import CONFIG_DIR
+
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONFIG_DIR)):
+        cfg = compose(config_name, return_hydra_config=True, overrides=list(overrides))
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        cfg.paths.root_dir = str(workdir)
+        cfg.paths.output_dir = str(workdir / "run")
+        del cfg.hydra
+    return cfg
+
+
+#: A CPU-sized training config: tiny synthetic set, 64 px, small U-Net, two epochs.
+TINY_TRAIN = [
+    "experiment=demo",
+    "data.synthetic.per_class=8",
+    "data.image_size=64",
+    "data.batch_size=4",
+    "data.num_workers=0",
+    "data.val_fraction=0.2",
+    "data.test_fraction=0.2",
+    "model.decoder_channels=[32,16,8,8,8]",
+    "model.head_hidden=[16]",
+    "trainer.max_epochs=2",
+    "trainer.log_every_n_steps=1",
+    "trainer.accelerator=cpu",
+    "callbacks.progress_bar=null",
+    "callbacks.model_summary=null",
+]
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    """One real (tiny) training run through busi_mtl.train, shared by the tests of what comes after it."""
+    from busi_mtl.train import train
+
+    workdir = tmp_path_factory.mktemp("trained")
+    cfg = compose_config("train", [*TINY_TRAIN, "logger=many"], workdir)
+    metrics = train(cfg)
+    return workdir / "run", metrics

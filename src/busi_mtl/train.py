@@ -14,6 +14,7 @@ import hydra
 import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.loggers import TensorBoardLogger
 
 from busi_mtl.models.module import MultiTaskModule
 from busi_mtl.utils.paths import CONFIG_DIR
@@ -41,6 +42,24 @@ def build_module(cfg: DictConfig) -> MultiTaskModule:
         monitor=cfg.monitor.metric,
         threshold=cfg.threshold,
     )
+
+
+def log_final_hyperparameters(loggers: list, cfg: DictConfig, metrics: dict) -> None:
+    """The run config with its final val/test numbers: TensorBoard's HParams tab compares runs by these."""
+    params = OmegaConf.to_container(cfg, resolve=True)
+    final = {
+        f"final/{stage}/{k}": v
+        for stage in ("val", "test")
+        for k, v in (metrics.get(stage) or {}).items()
+        if isinstance(v, float)
+    }
+    for logger in loggers:
+        if isinstance(logger, TensorBoardLogger):
+            logger.log_hyperparams(params, metrics=final)
+        else:
+            logger.log_hyperparams(params)
+            logger.log_metrics(final, step=metrics["global_step"])
+        logger.save()
 
 
 @task_wrapper
@@ -84,14 +103,7 @@ def train(cfg: DictConfig) -> dict:
         metrics["test"] = module.results.get("test")
 
     write_json(out / "metrics.json", metrics)
-    for logger in loggers:
-        final = {
-            f"final/{stage}/{k}": v
-            for stage in ("val", "test")
-            for k, v in (metrics.get(stage) or {}).items()
-            if isinstance(v, float)
-        }
-        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True), metrics=final)
+    log_final_hyperparameters(loggers, cfg, metrics)
     print_metrics(
         {s: metrics[s] for s in ("val", "test") if metrics.get(s)}, title=f"Best checkpoint ({best_path})"
     )

@@ -116,6 +116,8 @@ class BUSIDataModule(pl.LightningDataModule):
         self.datasets: dict[str, BUSIDataset] = {}
         self.class_weights = torch.ones(len(CLASSES))
         self.pixel_mean, self.pixel_std = 0.5, 0.25
+        # One stream for the whole run, so every epoch draws a new (but reproducible) balanced sample.
+        self._sampler_generator = torch.Generator().manual_seed(seed)
 
     def prepare_data(self) -> None:
         """Generate the synthetic set on first use and build the preprocessing cache (rank 0 only in DDP)."""
@@ -198,9 +200,8 @@ class BUSIDataModule(pl.LightningDataModule):
         if train and hp.balanced_sampler:
             counts = np.bincount(dataset.labels[dataset.indices], minlength=len(CLASSES))
             weights = 1.0 / counts[dataset.labels[dataset.indices]]
-            generator = torch.Generator().manual_seed(hp.seed)
             sampler = WeightedRandomSampler(
-                weights.tolist(), len(dataset), replacement=True, generator=generator
+                weights.tolist(), len(dataset), replacement=True, generator=self._sampler_generator
             )
         return DataLoader(
             dataset,

@@ -50,7 +50,7 @@ class MultiTaskModule(pl.LightningModule):
         threshold: float = 0.5,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
+        self.save_hyperparameters(logger=False)  # train.py logs the whole run config once, with results
         self.net: MultiTaskNet = build_model(**net)
         self.criterion = MultiTaskLoss(**loss)
         self.seg_metrics = nn.ModuleDict({stage: SegmentationMetrics() for stage in STAGES})

@@ -1,0 +1,172 @@
+"""BUSIDataModule: batches, saved and reused splits, k-fold, class weights, sampler, workers, real BUSI."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from sklearn.utils.class_weight import compute_class_weight
+from torch.utils.data import DataLoader
+
+from busi_mtl.data.datamodule import BUSIDataModule, seed_augmentation_worker
+from busi_mtl.data.synthetic import generate_busi
+
+
+def _datamodule(root, tmp_path, **kwargs) -> BUSIDataModule:
+    defaults = {
+        "image_size": 64,
+        "cache_dir": str(tmp_path / "cache"),
+        "output_dir": str(tmp_path / "run"),
+        "batch_size": 4,
+        "num_workers": 0,
+        "val_fraction": 0.2,
+        "test_fraction": 0.2,
+    }
+    dm = BUSIDataModule(root=str(root), **{**defaults, **kwargs})
+    dm.prepare_data()
+    dm.setup("fit")
+    return dm
+
+
+def test_batches_have_the_documented_shapes(synthetic_busi, tmp_path):
+    dm = _datamodule(synthetic_busi, tmp_path)
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["image"].shape == (4, 1, 64, 64) and batch["image"].dtype == torch.float32
+    assert batch["image"].min() >= 0 and batch["image"].max() <= 1
+    assert batch["mask"].shape == (4, 1, 64, 64) and set(batch["mask"].unique().tolist()) <= {0.0, 1.0}
+    assert batch["label"].dtype == torch.long and batch["label"].shape == (4,)
+    assert len(batch["id"]) == 4 and all(isinstance(i, str) for i in batch["id"])
+    val = next(iter(dm.val_dataloader()))
+    for i, image_id in enumerate(val["id"]):
+        assert (val["mask"][i].sum() > 0) == (not image_id.startswith("normal"))
+
+
+def test_split_is_saved_and_reusable(synthetic_busi, tmp_path):
+    dm = _datamodule(synthetic_busi, tmp_path)
+    saved = pd.read_csv(tmp_path / "run" / "split.csv")
+    assert list(saved.columns) == ["id", "class", "label", "group", "split", "fold"]
+    assert len(saved) == 36 and set(saved["split"]) == {"train", "val", "test"}
+    reused = _datamodule(
+        synthetic_busi,
+        tmp_path,
+        split_file=str(tmp_path / "run" / "split.csv"),
+        output_dir=str(tmp_path / "r2"),
+    )
+    for name in ("train", "val", "test"):
+        assert [dm.arrays.ids[i] for i in dm.datasets[name].indices] == [
+            reused.arrays.ids[i] for i in reused.datasets[name].indices
+        ]
+
+
+def test_splits_are_disjoint_and_cover_everything(synthetic_busi, tmp_path):
+    dm = _datamodule(synthetic_busi, tmp_path)
+    parts = [set(dm.datasets[n].indices) for n in ("train", "val", "test")]
+    assert not (parts[0] & parts[1]) and not (parts[0] & parts[2]) and not (parts[1] & parts[2])
+    assert set().union(*parts) == set(range(36))
+    table = dm.split_table
+    assert table.groupby("group")["split"].nunique().max() == 1
+
+
+def test_kfold_through_the_datamodule(synthetic_busi, tmp_path):
+    seen_val = []
+    for fold in range(3):
+        dm = _datamodule(
+            synthetic_busi, tmp_path, num_folds=3, fold=fold, output_dir=str(tmp_path / f"f{fold}")
+        )
+        seen_val.append(set(dm.datasets["val"].indices))
+        test = set(dm.datasets["test"].indices)
+    assert not (seen_val[0] & seen_val[1]) and not (seen_val[1] & seen_val[2])
+    assert set().union(*seen_val) == set(range(36)) - test
+
+
+def test_class_weights_and_pixel_statistics_come_from_train_only(synthetic_busi, tmp_path):
+    dm = _datamodule(synthetic_busi, tmp_path, val_fraction=0.2, test_fraction=0.2)
+    train = dm.datasets["train"]
+    labels = train.labels[train.indices]
+    expected = compute_class_weight("balanced", classes=np.arange(3), y=labels)
+    counts = np.bincount(labels, minlength=3)
+    np.testing.assert_allclose(expected, len(labels) / (3 * counts))  # the formula, by hand
+    np.testing.assert_allclose(dm.class_weights.numpy(), expected, rtol=1e-6)
+    pixels = dm.arrays.images[np.sort(train.indices)].astype(np.float64) / 255
+    assert dm.pixel_mean == pytest.approx(pixels.mean(), rel=1e-6)
+    assert dm.pixel_std == pytest.approx(pixels.std(), rel=1e-4)
+
+
+def test_balanced_sampler_balances_and_disables_loss_weights(tmp_path):
+    root = generate_busi(
+        tmp_path / "imbalanced", per_class={"normal": 6, "benign": 24, "malignant": 10}, seed=1
+    )
+    dm = _datamodule(
+        root, tmp_path, balanced_sampler=True, val_fraction=0.0, test_fraction=0.0, image_size=32
+    )
+    assert torch.equal(dm.class_weights, torch.ones(3))
+    drawn = torch.cat([b["label"] for _ in range(15) for b in dm.train_dataloader()])
+    shares = torch.bincount(drawn, minlength=3).float() / len(drawn)
+    assert (shares - 1 / 3).abs().max() < 0.08  # unbalanced would be 0.15 / 0.6 / 0.25
+
+
+def test_augment_switch(synthetic_busi, tmp_path):
+    plain = _datamodule(synthetic_busi, tmp_path, augment=False)
+    assert plain.datasets["train"].transform is None
+    sample = plain.datasets["train"][0]
+    cached = torch.from_numpy(np.array(plain.arrays.images[plain.datasets["train"].indices[0]])).float() / 255
+    torch.testing.assert_close(sample["image"][0], cached)
+    augmented = _datamodule(synthetic_busi, tmp_path, augment=True, aug_strength=2.0)
+    assert augmented.datasets["train"].transform is not None
+    assert augmented.datasets["val"].transform is None and augmented.datasets["test"].transform is None
+
+
+def test_workers_get_different_augmentation_streams(synthetic_busi, tmp_path):
+    """Each worker's first draw on the same image differs; without per-worker seeding they would be equal."""
+    dm = _datamodule(synthetic_busi, tmp_path)
+    dataset = dm.datasets["train"]
+
+    def first_draws(worker_init_fn):
+        loader = DataLoader(
+            dataset, sampler=[0, 0], batch_size=1, num_workers=2, worker_init_fn=worker_init_fn
+        )
+        return [b["image"] for b in loader]  # batch k comes from worker k
+
+    seeded = first_draws(seed_augmentation_worker)
+    assert not torch.equal(seeded[0], seeded[1])
+    unseeded = first_draws(None)
+    assert torch.equal(unseeded[0], unseeded[1])
+
+
+def test_missing_mask_skip_policy(make_busi, tmp_path):
+    root = make_busi((4, 5, 5))
+    (root / "benign" / "benign (1)_mask.png").unlink()
+    with pytest.raises(Exception, match="without a mask"):
+        _datamodule(root, tmp_path, val_fraction=0.0, test_fraction=0.0, image_size=32)
+    dm = _datamodule(
+        root, tmp_path, val_fraction=0.0, test_fraction=0.0, image_size=32, on_missing_mask="skip"
+    )
+    assert len(dm.manifest) == 13
+
+
+def test_image_size_validation(synthetic_busi, tmp_path):
+    with pytest.raises(ValueError, match="multiple of 32"):
+        BUSIDataModule(root=str(synthetic_busi), image_size=100)
+
+
+def test_synthetic_set_is_generated_on_first_use(tmp_path):
+    root = tmp_path / "gen"
+    dm = _datamodule(
+        root, tmp_path, synthetic={"per_class": 5, "seed": 0}, val_fraction=0.0, test_fraction=0.0
+    )
+    assert (root / "benign" / "benign (5).png").exists() and len(dm.manifest) == 15
+
+
+@pytest.mark.real_data
+def test_real_busi_split_keeps_duplicate_groups_together(real_busi, tmp_path):
+    dm = BUSIDataModule(
+        root=str(real_busi), image_size=32, cache_dir=str(tmp_path / "cache"), output_dir=str(tmp_path)
+    )
+    dm.setup("fit")
+    table = dm.split_table.set_index("id")
+    assert table.groupby("group")["split"].nunique().max() == 1
+    assert table.loc["benign (433)", "split"] == table.loc["malignant (145)", "split"]
+    shares = pd.crosstab(table["split"], table["class"], normalize="index")
+    assert (shares.max() - shares.min()).max() < 0.06
+    assert len(table) == 780
