@@ -21,23 +21,29 @@ def draw_overlay(
     pred_mask: np.ndarray | None = None,
     gt_mask: np.ndarray | None = None,
     lines: Sequence[str] = (),
+    min_side: int = 256,
 ) -> np.ndarray:
-    """RGB uint8 copy of a grayscale image with the true (green) and predicted (red) lesion contours."""
+    """RGB uint8 copy of a grayscale image with the true (green) and predicted (red) lesion contours.
+
+    Small images are upscaled to ``min_side`` first so contours and captions stay legible.
+    """
     if image.dtype != np.uint8:
         image = np.clip(image * 255.0, 0, 255).astype(np.uint8)
-    canvas = cv2.cvtColor(image, cv2.COLOR_GRAY2RGB)
-    thickness = max(1, round(min(image.shape) / 160))
+    zoom = max(1.0, min_side / min(image.shape[:2]))
+    size = (round(image.shape[1] * zoom), round(image.shape[0] * zoom))
+    canvas = cv2.cvtColor(cv2.resize(image, size, interpolation=cv2.INTER_LINEAR), cv2.COLOR_GRAY2RGB)
+    thickness = max(1, round(min(size) / 200))
     for mask, colour in ((gt_mask, GT_COLOUR), (pred_mask, PRED_COLOUR)):
         if mask is not None:
-            contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+            mask = cv2.resize(mask.astype(np.uint8), size, interpolation=cv2.INTER_NEAREST)
+            contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
             cv2.drawContours(canvas, contours, -1, colour, thickness)
-    scale = max(0.3, min(image.shape) / 500)
+    scale = 0.45 * min(size) / 256
     for row, text in enumerate(lines):
-        y = int((row + 1) * 16 * scale) + 2
-        cv2.putText(canvas, text, (3, y), cv2.FONT_HERSHEY_SIMPLEX, 0.4 * scale, (0, 0, 0), 3, cv2.LINE_AA)
-        cv2.putText(
-            canvas, text, (3, y), cv2.FONT_HERSHEY_SIMPLEX, 0.4 * scale, (255, 255, 0), 1, cv2.LINE_AA
-        )
+        (w, h), base = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, 1)
+        y = (row + 1) * (h + base + 4)
+        cv2.rectangle(canvas, (0, y - h - 3), (w + 6, y + base), (0, 0, 0), -1)
+        cv2.putText(canvas, text, (3, y), cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 0), 1, cv2.LINE_AA)
     return canvas
 
 
