@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 
 from busi_mtl.evaluate import evaluate
+
 from conftest import compose_config
 
 

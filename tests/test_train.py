@@ -15,6 +15,7 @@ from omegaconf import OmegaConf
 
 from busi_mtl.train import build_module
 from busi_mtl.utils.paths import CONFIG_DIR
+
 from conftest import TINY_TRAIN, compose_config
 
 GROUPS = ["data", "model", "loss", "optimizer", "scheduler", "trainer", "callbacks", "logger", "experiment"]

@@ -8,7 +8,7 @@ import torch
 from pytorch_lightning.loggers import TensorBoardLogger
 
 from busi_mtl.data import CLASSES
-from busi_mtl.metrics import binarize
+from busi_mtl.metrics import binarize, collect_stage
 from busi_mtl.visualize import class_lines, confusion_figure, draw_overlay, tile
 
 
@@ -67,8 +67,8 @@ class OverlayGallery(pl.Callback):
             logger.experiment.add_image("val/overlays", grid, trainer.global_step, dataformats="HWC")
 
     def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        results = getattr(pl_module, "results", {}).get("test")
-        if not results:
+        results = collect_stage(trainer.callback_metrics, "test")
+        if "confusion_matrix" not in results:
             return
         figure = confusion_figure(np.array(results["confusion_matrix"]), CLASSES, "test confusion matrix")
         for logger in _tensorboards(trainer):

@@ -36,6 +36,7 @@ Classification (:func:`classification_metrics`, :func:`confusion_matrix`)
 """
 
 import math
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -50,7 +51,7 @@ from torchmetrics.classification import (
     MulticlassRecall,
 )
 
-from busi_mtl.data import NORMAL
+from busi_mtl.data import CLASSES, NORMAL
 
 
 def binarize(mask_logits: Tensor, threshold: float = 0.5) -> Tensor:
@@ -188,3 +189,26 @@ def classification_metrics(num_classes: int = 3) -> MetricCollection:
 def confusion_matrix(num_classes: int = 3) -> MulticlassConfusionMatrix:
     """Raw-count confusion matrix (rows = true, columns = predicted), kept apart so scalars log with log_dict."""
     return MulticlassConfusionMatrix(num_classes=num_classes, normalize=None)
+
+
+def confusion_keys(stage: str, classes: Sequence[str] = CLASSES) -> list[list[str]]:
+    """Logged scalar names of the confusion-matrix cells, e.g. ``test/confusion/malignant_as_benign``.
+
+    Logging the cells as scalars puts them in ``trainer.callback_metrics``, which Lightning syncs across
+    DDP ranks and returns from spawned processes, and in TensorBoard as curves.
+    """
+    return [[f"{stage}/confusion/{t}_as_{p}" for p in classes] for t in classes]
+
+
+def collect_stage(logged: Mapping[str, Tensor | float], stage: str) -> dict[str, Any]:
+    """One stage's logged values as plain floats (prefix stripped), with its confusion matrix rebuilt."""
+    prefix = f"{stage}/"
+    values: dict[str, Any] = {
+        k[len(prefix) :]: float(v)
+        for k, v in logged.items()
+        if k.startswith(prefix) and not k.startswith(f"{prefix}confusion/")
+    }
+    keys = confusion_keys(stage)
+    if all(k in logged for row in keys for k in row):
+        values["confusion_matrix"] = [[round(float(logged[k])) for k in row] for row in keys]
+    return values

@@ -1,8 +1,9 @@
 """Train and test the multi-task model: ``python -m busi_mtl.train [overrides]``.
 
 Composes ``conf/train.yaml``, instantiates the datamodule, module, callbacks, loggers and trainer, fits,
-then scores the best checkpoint on val and test and writes ``metrics.json`` to the run directory.
-Returns the monitored value of the best checkpoint so Hydra sweepers can optimise it.
+then scores the best checkpoint on test and writes ``metrics.json`` to the run directory (with the val
+metrics that checkpoint was chosen for). Returns the monitored value of the best checkpoint so Hydra
+sweepers can optimise it. Safe under DDP: only global rank 0 writes files.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.loggers import TensorBoardLogger
 
+from busi_mtl.metrics import collect_stage
 from busi_mtl.models.module import MultiTaskModule
 from busi_mtl.utils.paths import CONFIG_DIR
 from busi_mtl.utils.run import (
@@ -41,6 +43,7 @@ def build_module(cfg: DictConfig) -> MultiTaskModule:
         scheduler=plain(cfg.scheduler),
         monitor=cfg.monitor.metric,
         threshold=cfg.threshold,
+        score_weights=plain(cfg.monitor.score_weights),
     )
 
 
@@ -62,60 +65,62 @@ def log_final_hyperparameters(loggers: list, cfg: DictConfig, metrics: dict) -> 
         logger.save()
 
 
+def best_checkpoint_summary(trainer: pl.Trainer) -> dict:
+    """Monitored value, epoch and val metrics of the best checkpoint (val metrics are stored inside it)."""
+    checkpoint = trainer.checkpoint_callback
+    path = checkpoint.best_model_path if checkpoint is not None and checkpoint.best_model_path else None
+    if path is None:
+        return {"best_ckpt": None, "best_val": None}
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    score = checkpoint.best_model_score
+    return {
+        "best_ckpt": path,
+        "best_val": float(score) if score is not None else None,
+        "best_epoch": saved["epoch"],
+        "val": saved.get("busi_mtl", {}).get("val_metrics"),
+    }
+
+
 @task_wrapper
 def train(cfg: DictConfig) -> dict:
-    """Fit, evaluate the best checkpoint, and write ``metrics.json``; returns its content."""
+    """Fit, test the best checkpoint, write ``metrics.json`` (rank 0); returns the metrics."""
     out = Path(cfg.paths.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "run_info.json", run_info())
     pl.seed_everything(cfg.seed, workers=True)
-
     datamodule: pl.LightningDataModule = hydra.utils.instantiate(cfg.data)
     module = build_module(cfg)
     loggers = instantiate_loggers(cfg.get("logger"))
     trainer: pl.Trainer = hydra.utils.instantiate(
         cfg.trainer, callbacks=instantiate_callbacks(cfg.get("callbacks")), logger=loggers or False
     )
+    if trainer.is_global_zero:
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / "run_info.json", run_info())
     if cfg.train:
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
 
-    checkpoint = trainer.checkpoint_callback
-    best_path = checkpoint.best_model_path if checkpoint is not None and checkpoint.best_model_path else None
-    metrics: dict = {
-        "monitor": cfg.monitor.metric,
-        "best_val": float(checkpoint.best_model_score)
-        if best_path and checkpoint.best_model_score is not None
-        else None,
-        "best_ckpt": best_path,
-        "epochs_trained": trainer.current_epoch,
-        "global_step": trainer.global_step,
-    }
-    if best_path:
-        saved = torch.load(best_path, map_location="cpu", weights_only=True)
-        metrics["best_epoch"] = saved["epoch"]
-        metrics["val"] = saved.get("busi_mtl", {}).get("val_metrics")
-    elif "val" in module.results:
-        metrics["val"] = module.results["val"]
+    metrics: dict = {"monitor": cfg.monitor.metric, **best_checkpoint_summary(trainer)}
+    metrics.update(epochs_trained=trainer.current_epoch, global_step=trainer.global_step)
+    if metrics["best_ckpt"] is None and cfg.train:
+        metrics["val"] = collect_stage(trainer.callback_metrics, "val") or None
     if cfg.test:
-        if best_path is None:
+        if metrics["best_ckpt"] is None:
             log.warning("No checkpoint was saved (callbacks off or fast_dev_run); testing the final weights.")
-        trainer.test(module, datamodule=datamodule, ckpt_path=best_path)
-        metrics["test"] = module.results.get("test")
+        trainer.test(module, datamodule=datamodule, ckpt_path=metrics["best_ckpt"])
+        metrics["test"] = collect_stage(trainer.callback_metrics, "test")
 
-    write_json(out / "metrics.json", metrics)
-    log_final_hyperparameters(loggers, cfg, metrics)
-    print_metrics(
-        {s: metrics[s] for s in ("val", "test") if metrics.get(s)}, title=f"Best checkpoint ({best_path})"
-    )
-    log.info("Run directory: %s", out)
+    if trainer.is_global_zero:
+        write_json(out / "metrics.json", metrics)
+        log_final_hyperparameters(loggers, cfg, metrics)
+        stages = {s: metrics[s] for s in ("val", "test") if metrics.get(s)}
+        print_metrics(stages, title=f"Best checkpoint ({metrics['best_ckpt']})")
+        log.info("Run directory: %s", out)
     return metrics
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
 def main(cfg: DictConfig) -> float | None:
     print_config(cfg, Path(cfg.paths.output_dir) / "config_tree.log")
-    metrics = train(cfg)
-    return metrics.get("best_val")
+    return train(cfg).get("best_val")
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import pytest
 
 from busi_mtl.data.audit import audit_dataset, dhash, duplicate_groups, hamming_matrix, summarize
 from busi_mtl.data.synthetic import render_case
+
 from conftest import lesion_image, write_png
 
 

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from busi_mtl.data.busi import BUSIDataError, load_image, load_mask, scan_busi
+
 from conftest import lesion_image, write_png
 
 

@@ -112,3 +112,11 @@ def test_split_file_roundtrip_and_corruption(tmp_path):
     bad.to_csv(path, index=False)
     with pytest.raises(BUSIDataError, match="class differs"):
         read_split_file(path, manifest)
+
+
+def test_too_small_for_the_fractions_says_what_to_change():
+    labels, groups = np.repeat([0, 1, 2], 4), np.arange(12)
+    with pytest.raises(ValueError, match=r"into 20 stratified parts.*data\.val_fraction=0\.2"):
+        grouped_split(labels, groups, 0.15, 0.15)
+    split, _ = grouped_split(np.repeat([0, 1, 2], 5), np.arange(15), 0.2, 0.2)
+    assert (split == "test").sum() == 3

@@ -10,6 +10,7 @@ import pytest
 
 import busi_mtl.data.transforms as T
 from busi_mtl.data.busi import scan_busi
+
 from conftest import lesion_image
 
 

@@ -15,8 +15,9 @@ import numpy as np
 import pandas as pd
 import pytorch_lightning as pl
 import torch
+import torch.distributed as dist
 from sklearn.utils.class_weight import compute_class_weight
-from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler, get_worker_info
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, WeightedRandomSampler, get_worker_info
 
 from busi_mtl.data import CLASSES
 from busi_mtl.data.audit import duplicate_groups
@@ -58,6 +59,23 @@ class BUSIDataset(Dataset):
             "label": torch.tensor(int(self.labels[j]), dtype=torch.long),
             "id": self.arrays.ids[j],
         }
+
+
+class UnpaddedDistributedSampler(DistributedSampler):
+    """Each rank evaluates every ``num_replicas``-th image and no image twice.
+
+    torch's DistributedSampler pads the dataset to a multiple of the world size by repeating images,
+    which would count them twice in val/test metrics; ranks may get one batch more or less instead.
+    """
+
+    def __init__(self, dataset: Dataset) -> None:
+        super().__init__(dataset, shuffle=False, drop_last=False)
+
+    def __iter__(self):
+        return iter(range(self.rank, len(self.dataset), self.num_replicas))
+
+    def __len__(self) -> int:
+        return len(range(self.rank, len(self.dataset), self.num_replicas))
 
 
 def seed_augmentation_worker(worker_id: int) -> None:
@@ -203,6 +221,8 @@ class BUSIDataModule(pl.LightningDataModule):
             sampler = WeightedRandomSampler(
                 weights.tolist(), len(dataset), replacement=True, generator=self._sampler_generator
             )
+        elif not train and dist.is_available() and dist.is_initialized():
+            sampler = UnpaddedDistributedSampler(dataset)  # Lightning keeps DistributedSampler subclasses
         return DataLoader(
             dataset,
             batch_size=hp.batch_size if train else (hp.eval_batch_size or hp.batch_size),

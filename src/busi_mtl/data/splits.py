@@ -27,8 +27,15 @@ def _fold_ids(labels: np.ndarray, groups: np.ndarray, n_splits: int, seed: int) 
     """Fold index per sample from a shuffled StratifiedGroupKFold."""
     folds = np.empty(len(labels), dtype=np.int64)
     splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
-    for fold, (_, held_out) in enumerate(splitter.split(np.zeros(len(labels)), labels, groups)):
-        folds[held_out] = fold
+    try:
+        for fold, (_, held_out) in enumerate(splitter.split(np.zeros(len(labels)), labels, groups)):
+            folds[held_out] = fold
+    except ValueError as err:  # too few images (or duplicate groups) for this many equal parts
+        raise ValueError(
+            f"Cannot cut {len(labels)} images in {len(np.unique(groups))} duplicate groups into {n_splits} "
+            f"stratified parts ({err}). Use a larger dataset, or fractions that need fewer parts "
+            "(e.g. data.val_fraction=0.2 data.test_fraction=0.2 needs 5), or fewer data.num_folds."
+        ) from err
     return folds
 
 

@@ -17,7 +17,14 @@ from torch import nn
 
 from busi_mtl.data import CLASSES
 from busi_mtl.losses import MultiTaskLoss
-from busi_mtl.metrics import SegmentationMetrics, binarize, classification_metrics, confusion_matrix
+from busi_mtl.metrics import (
+    SegmentationMetrics,
+    binarize,
+    classification_metrics,
+    collect_stage,
+    confusion_keys,
+    confusion_matrix,
+)
 from busi_mtl.models.factory import MultiTaskNet, build_model
 
 log = logging.getLogger(__name__)
@@ -48,6 +55,7 @@ class MultiTaskModule(pl.LightningModule):
         scheduler: dict,
         monitor: str = "val/score",
         threshold: float = 0.5,
+        score_weights: dict[str, float] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(logger=False)  # train.py logs the whole run config once, with results
@@ -56,8 +64,7 @@ class MultiTaskModule(pl.LightningModule):
         self.seg_metrics = nn.ModuleDict({stage: SegmentationMetrics() for stage in STAGES})
         self.cls_metrics = nn.ModuleDict({stage: classification_metrics(len(CLASSES)) for stage in STAGES})
         self.confusion = nn.ModuleDict({stage: confusion_matrix(len(CLASSES)) for stage in STAGES})
-        #: Last computed metrics per stage (python floats), read by the entry points for metrics.json.
-        self.results: dict[str, dict] = {}
+        self.score_weights = score_weights or {"dice": 0.5, "f1": 0.5}
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.net(images)
@@ -84,7 +91,10 @@ class MultiTaskModule(pl.LightningModule):
         mask_logits, class_logits = self(batch["image"])
         losses = self.criterion(mask_logits, class_logits, batch["mask"], batch["label"])
         self.log_dict(
-            {f"{stage}/{k}": v for k, v in losses.items()}, on_epoch=True, batch_size=len(batch["label"])
+            {f"{stage}/{k}": v for k, v in losses.items()},
+            on_epoch=True,
+            batch_size=len(batch["label"]),
+            sync_dist=True,  # epoch means over all ranks' batches; one reduction per epoch
         )
         probs = class_logits.float().softmax(dim=1)
         self.seg_metrics[stage].update(
@@ -111,14 +121,17 @@ class MultiTaskModule(pl.LightningModule):
         }
 
     def _end_epoch(self, stage: str) -> None:
+        """Compute (DDP-synced by torchmetrics) and log every metric, the score and the confusion cells."""
         values = {**self.seg_metrics[stage].compute(), **self.cls_metrics[stage].compute()}
         values = {k: torch.as_tensor(v, dtype=torch.float32, device=self.device) for k, v in values.items()}
         # One number that rewards both tasks, for checkpointing, early stopping and sweeps.
-        values["score"] = (values["dice"] + values["f1"]) / 2
-        self.log_dict({f"{stage}/{k}": v for k, v in values.items()})
-        confusion = self.confusion[stage].compute()
-        self.results[stage] = {k: v.item() for k, v in values.items()}
-        self.results[stage]["confusion_matrix"] = confusion.long().tolist()
+        values["score"] = sum(w * values[k] for k, w in self.score_weights.items())
+        confusion = self.confusion[stage].compute().float()
+        for row, keys in enumerate(confusion_keys(stage)):
+            for col, key in enumerate(keys):
+                values[key.removeprefix(f"{stage}/")] = confusion[row, col]
+        # Values are already global (torchmetrics synced the states); sync_dist just averages equal numbers.
+        self.log_dict({f"{stage}/{k}": v for k, v in values.items()}, sync_dist=True)
         for metric in (self.seg_metrics[stage], self.cls_metrics[stage], self.confusion[stage]):
             metric.reset()
 
@@ -130,7 +143,8 @@ class MultiTaskModule(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Store this epoch's val metrics, so the best checkpoint knows the numbers it was chosen for."""
-        checkpoint["busi_mtl"] = {"classes": list(CLASSES), "val_metrics": self.results.get("val")}
+        val = collect_stage(self.trainer.callback_metrics, "val") if self._trainer is not None else {}
+        checkpoint["busi_mtl"] = {"classes": list(CLASSES), "val_metrics": val or None}
 
     def configure_optimizers(self) -> dict:
         optimizer = hydra.utils.instantiate(self.hparams.optimizer, params=self.parameters())

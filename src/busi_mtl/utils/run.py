@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import hydra
+from lightning_utilities.core.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning import Callback
 from pytorch_lightning.loggers import Logger
@@ -103,6 +104,7 @@ def run_info() -> dict[str, Any]:
     }
 
 
+@rank_zero_only
 def print_config(cfg: DictConfig, save_to: Path | None = None) -> None:
     """The composed config as a rich tree (one branch per group), also saved as text in the run dir."""
     tree = Tree("config", guide_style="dim")
@@ -117,6 +119,7 @@ def print_config(cfg: DictConfig, save_to: Path | None = None) -> None:
             Console(file=fh, width=120).print(tree)
 
 
+@rank_zero_only
 def print_metrics(results: Mapping[str, Mapping[str, Any]], title: str = "Results") -> None:
     """One row per metric, one column per stage (val/test): the run's final numbers, readable."""
     stages = [s for s in results if isinstance(results[s], Mapping)]
