@@ -23,7 +23,8 @@ def test_evaluate_reproduces_the_training_test_numbers(trained_run, tmp_path):
     metrics, out = _evaluate(tmp_path, f"ckpt_path={best}")
     for key in ("dice", "iou", "f1", "acc", "auroc", "normal_empty_rate", "pixel_acc"):
         assert metrics["test"][key] == pytest.approx(train_metrics["test"][key], abs=1e-5, nan_ok=True), key
-    for name in ("metrics.json", "per_image.csv", "confusion_matrix.png", "gallery.png", "split.csv"):
+    figures = ("confusion_matrix.png", "roc.png", "dice_distribution.png", "gallery.png", "worst_cases.png")
+    for name in ("metrics.json", "per_image.csv", "split.csv", *figures):
         assert (out / name).is_file(), name
     table = pd.read_csv(out / "per_image.csv")
     test_ids = pd.read_csv(run / "split.csv").query("split == 'test'")["id"]

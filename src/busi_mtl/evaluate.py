@@ -1,8 +1,11 @@
 """Evaluate a checkpoint: ``python -m busi_mtl.evaluate ckpt_path=... [split=test|val|all] [data.root=...]``.
 
 Preprocessing comes from the checkpoint (its saved datamodule settings), never from a second copy of
-the config; only where the data is and how it is split can be overridden. Writes ``metrics.json``,
-``per_image.csv``, ``confusion_matrix.png`` and ``gallery.png`` to the run directory.
+the config; only where the data is and how it is split can be overridden. Writes to the run directory:
+``metrics.json``, ``per_image.csv`` (id, class, predicted class, probabilities, Dice, IoU, areas),
+``confusion_matrix.png``, ``roc.png`` (per class), ``dice_distribution.png`` (per class),
+``gallery.png`` (examples of every class) and ``worst_cases.png`` (lowest Dice, confident errors,
+false-positive normals).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import numpy as np
 import pandas as pd
 import pytorch_lightning as pl
 import torch
+from matplotlib.figure import Figure
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import RichProgressBar
 
@@ -23,26 +27,23 @@ from busi_mtl.callbacks import pick_gallery_indices
 from busi_mtl.data import CLASSES
 from busi_mtl.data.datamodule import BUSIDataModule
 from busi_mtl.metrics import SegmentationMetrics, classification_metrics, confusion_matrix, per_image_scores
-from busi_mtl.models.module import load_module
+from busi_mtl.models.module import load_module, read_checkpoint
 from busi_mtl.utils.paths import CONFIG_DIR
 from busi_mtl.utils.run import print_metrics, run_info, task_wrapper, write_json
-from busi_mtl.visualize import class_lines, confusion_figure, draw_overlay, tile
+from busi_mtl.visualize import class_lines, confusion_figure, dice_figure, draw_overlay, roc_figure, tile
 
 log = logging.getLogger(__name__)
 
 
-def datamodule_from_checkpoint(
-    ckpt_path: Path, overrides: dict, split: str, output_dir: Path
-) -> BUSIDataModule:
+def datamodule_from_checkpoint(ckpt: dict, overrides: dict, split: str, output_dir: Path) -> BUSIDataModule:
     """The checkpoint's own data settings, with where-and-how-split overrides; no augmentation.
 
     Unless ``data.split_file`` is given, the training run's saved ``split.csv`` is reused when it is still
     there, so the test set is exactly the one the run held out (and a changed dataset is an error).
     """
-    saved = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    if "datamodule_hyper_parameters" not in saved:
-        raise ValueError(f"{ckpt_path}: no data settings inside; was it written by busi_mtl.train?")
-    hparams = dict(saved["datamodule_hyper_parameters"])
+    if "datamodule_hyper_parameters" not in ckpt:
+        raise ValueError("checkpoint has no data settings inside; was it written by busi_mtl.train?")
+    hparams = dict(ckpt["datamodule_hyper_parameters"])
     run_split = Path(hparams.get("output_dir") or "") / "split.csv"
     if run_split.is_file() and split != "all":
         hparams["split_file"] = str(run_split)
@@ -87,18 +88,39 @@ def aggregate(outputs: list[dict]) -> dict:
     return values
 
 
-def gallery(
-    datamodule: BUSIDataModule, split: str, table: pd.DataFrame, preds: np.ndarray, count: int
-) -> np.ndarray:
-    """Overlays of images from every class: true (green) / predicted (red) contours and classes."""
-    dataset = datamodule.datasets[split]
+def worst_cases(table: pd.DataFrame, count: int) -> list[int]:
+    """Rows to inspect first: lesion images with the lowest Dice, then confident misclassifications,
+    then normal images with the largest predicted lesion, interleaved so each kind is shown."""
+    lesion = table[table["class"] != "normal"].sort_values("dice").index.tolist()
+    wrong = table[table["class"] != table["pred_class"]]
+    wrong_conf = wrong[[f"p_{c}" for c in CLASSES]].max(axis=1).sort_values(ascending=False).index.tolist()
+    normals = table[(table["class"] == "normal") & (table["pred_lesion_px"] > 0)]
+    false_pos = normals.sort_values("pred_lesion_px", ascending=False).index.tolist()
+    queues, picked = [lesion, wrong_conf, false_pos], []
+    while len(picked) < count and any(queues):
+        for queue in queues:  # round robin, skipping rows already shown
+            while queue and queue[0] in picked:
+                queue.pop(0)
+            if queue and len(picked) < count:
+                picked.append(queue.pop(0))
+    return picked
+
+
+def gallery(dataset, table: pd.DataFrame, preds: np.ndarray, positions: list[int]) -> np.ndarray:
+    """Overlays: true (green) / predicted (red) contours, true -> predicted class, probabilities, Dice."""
     tiles = []
-    for k in pick_gallery_indices(dataset.labels[dataset.indices], count):
+    for k in positions:
         sample, row = dataset[k], table.iloc[k]
         probs = [row[f"p_{c}"] for c in CLASSES]
         lines = class_lines(row["class"], row["pred_class"], probs, CLASSES)
+        lines.append(f"{row['id']}" + (f"  Dice {row['dice']:.2f}" if pd.notna(row["dice"]) else ""))
         tiles.append(draw_overlay(sample["image"][0].numpy(), preds[k], sample["mask"][0].numpy(), lines))
     return tile(tiles, columns=4)
+
+
+def save_figure(figure: Figure, path: Path) -> None:
+    figure.savefig(path)
+    plt.close(figure)
 
 
 @task_wrapper
@@ -106,15 +128,14 @@ def evaluate(cfg: DictConfig) -> dict:
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     ckpt_path = Path(cfg.ckpt_path).expanduser()
-    if not ckpt_path.is_file():
-        raise FileNotFoundError(f"ckpt_path={ckpt_path}: no such checkpoint file.")
     if cfg.split not in ("train", "val", "test", "all"):
         raise ValueError(f"split={cfg.split!r}: choose test, val, train or all.")
-    module = load_module(ckpt_path)
+    ckpt = read_checkpoint(ckpt_path)
+    module = load_module(ckpt)
     if cfg.threshold is not None:
         module.hparams.threshold = float(cfg.threshold)
     overrides = OmegaConf.to_container(cfg.data, resolve=True)
-    datamodule = datamodule_from_checkpoint(ckpt_path, overrides, cfg.split, out)
+    datamodule = datamodule_from_checkpoint(ckpt, overrides, cfg.split, out)
     datamodule.prepare_data()
     datamodule.setup("test")
     trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, logger=False, callbacks=[RichProgressBar()])
@@ -130,14 +151,22 @@ def evaluate(cfg: DictConfig) -> dict:
     table.to_csv(out / "per_image.csv", index=False)
     write_json(out / "metrics.json", metrics)
     write_json(out / "run_info.json", run_info())
-    figure = confusion_figure(
-        np.array(metrics[cfg.split]["confusion_matrix"]), CLASSES, f"{cfg.split} confusion matrix"
+    values = metrics[cfg.split]
+    save_figure(
+        confusion_figure(np.array(values["confusion_matrix"]), CLASSES, f"{cfg.split} confusion matrix"),
+        out / "confusion_matrix.png",
     )
-    figure.savefig(out / "confusion_matrix.png")
-    plt.close(figure)
+    labels = table["class"].map(CLASSES.index).to_numpy()
+    save_figure(
+        roc_figure(labels, table[[f"p_{c}" for c in CLASSES]].to_numpy(), CLASSES, f"{cfg.split} ROC"),
+        out / "roc.png",
+    )
+    save_figure(dice_figure(table, f"{cfg.split}: per-image lesion Dice"), out / "dice_distribution.png")
     preds = torch.cat([o["pred_mask"] for o in outputs]).numpy()
-    grid = gallery(datamodule, cfg.split, table, preds, cfg.gallery_size)
-    plt.imsave(out / "gallery.png", grid)
+    dataset = datamodule.datasets[cfg.split]
+    examples = pick_gallery_indices(dataset.labels[dataset.indices], cfg.gallery_size)
+    plt.imsave(out / "gallery.png", gallery(dataset, table, preds, examples))
+    plt.imsave(out / "worst_cases.png", gallery(dataset, table, preds, worst_cases(table, cfg.gallery_size)))
     print_metrics({cfg.split: metrics[cfg.split]}, title=f"{ckpt_path.name} on {cfg.split}")
     log.info("Evaluation written to %s", out)
     return metrics

@@ -13,12 +13,11 @@ from pathlib import Path
 
 import hydra
 import pytorch_lightning as pl
-import torch
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.loggers import TensorBoardLogger
 
 from busi_mtl.metrics import collect_stage
-from busi_mtl.models.module import MultiTaskModule
+from busi_mtl.models.module import MultiTaskModule, read_checkpoint
 from busi_mtl.utils.paths import CONFIG_DIR
 from busi_mtl.utils.run import (
     instantiate_callbacks,
@@ -71,7 +70,7 @@ def best_checkpoint_summary(trainer: pl.Trainer) -> dict:
     path = checkpoint.best_model_path if checkpoint is not None and checkpoint.best_model_path else None
     if path is None:
         return {"best_ckpt": None, "best_val": None}
-    saved = torch.load(path, map_location="cpu", weights_only=True)
+    saved = read_checkpoint(path)
     score = checkpoint.best_model_score
     return {
         "best_ckpt": path,

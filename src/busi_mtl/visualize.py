@@ -10,7 +10,9 @@ import matplotlib
 matplotlib.use("Agg")  # headless: figures are only ever written to files or TensorBoard
 import matplotlib.pyplot as plt
 import numpy as np
+import pandas as pd
 from matplotlib.figure import Figure
+from sklearn.metrics import auc, roc_curve
 
 GT_COLOUR = (0, 255, 0)  # RGB
 PRED_COLOUR = (255, 64, 64)
@@ -88,5 +90,46 @@ def confusion_figure(matrix: np.ndarray, classes: Sequence[str], title: str = "C
             ax.text(
                 j, i, f"{matrix[i, j]}\n{rates[i, j]:.0%}", ha="center", va="center", color=colour, fontsize=8
             )
+    fig.tight_layout()
+    return fig
+
+
+def roc_figure(labels: np.ndarray, probs: np.ndarray, classes: Sequence[str], title: str = "ROC") -> Figure:
+    """One-vs-rest ROC curve and AUC per class."""
+    fig, ax = plt.subplots(figsize=(4.6, 4.2), dpi=120)
+    for k, name in enumerate(classes):
+        positives = labels == k
+        if positives.all() or not positives.any():
+            continue  # undefined without both positives and negatives
+        fpr, tpr, _ = roc_curve(positives, probs[:, k])
+        ax.plot(fpr, tpr, label=f"{name} (AUC {auc(fpr, tpr):.3f}, n={int(positives.sum())})")
+    ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=0.8)
+    ax.set_xlabel("false-positive rate")
+    ax.set_ylabel("true-positive rate")
+    ax.set_title(title)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    return fig
+
+
+def dice_figure(table: pd.DataFrame, title: str = "Per-image lesion Dice") -> Figure:
+    """Distribution of per-image Dice for each lesion class, plus how often normal images stay empty."""
+    lesion_classes = [c for c in table["class"].unique() if c != "normal"]
+    fig, ax = plt.subplots(figsize=(4.6, 3.8), dpi=120)
+    data = [table.loc[table["class"] == c, "dice"].dropna().to_numpy() for c in lesion_classes]
+    if any(len(d) for d in data):
+        ax.boxplot(data, tick_labels=lesion_classes, showfliers=False)
+        for k, values in enumerate(data, start=1):
+            jitter = np.random.default_rng(k).uniform(-0.12, 0.12, len(values))
+            ax.scatter(k + jitter, values, s=6, alpha=0.5)
+            if len(values):
+                ax.text(k, 1.02, f"mean {values.mean():.3f}", ha="center", fontsize=7)
+    normals = table[table["class"] == "normal"]
+    if len(normals):
+        empty = (normals["pred_lesion_px"] == 0).mean()
+        ax.set_xlabel(f"normal images predicted empty: {empty:.0%} of {len(normals)}")
+    ax.set_ylim(0, 1.08)
+    ax.set_ylabel("Dice")
+    ax.set_title(title)
     fig.tight_layout()
     return fig

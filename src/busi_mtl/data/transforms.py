@@ -15,7 +15,7 @@ import logging
 import os
 import shutil
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Literal
 
@@ -42,6 +42,11 @@ class Preprocessing:
     denoise: Denoise = "none"
     clahe: bool = False
     hash_size: int = 16
+
+    @classmethod
+    def from_hparams(cls, hparams: dict) -> Preprocessing:
+        """The preprocessing part of a datamodule's saved hyperparameters (e.g. from a checkpoint)."""
+        return cls(**{f.name: hparams[f.name] for f in fields(cls) if f.name in hparams})
 
     def __post_init__(self) -> None:
         if self.image_size <= 0 or self.image_size % 32:

@@ -175,15 +175,28 @@ class MultiTaskModule(pl.LightningModule):
         raise ValueError(f"scheduler.name={name!r}: choose cosine, plateau or none.")
 
 
-def load_module(ckpt_path: str | Path, map_location: str | torch.device = "cpu") -> MultiTaskModule:
-    """Rebuild a trained module from a checkpoint alone, safely (``weights_only=True``).
+def read_checkpoint(ckpt_path: str | Path, map_location: str | torch.device = "cpu") -> dict:
+    """A checkpoint's contents, unpickled safely (``weights_only=True``: tensors and plain data only)."""
+    path = Path(ckpt_path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"ckpt_path={path}: no such checkpoint file.")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # unpickling errors come in many types
+        raise ValueError(f"{path}: cannot be read as a checkpoint with weights_only=True ({err}).") from err
+
+
+def load_module(ckpt: str | Path | dict, map_location: str | torch.device = "cpu") -> MultiTaskModule:
+    """Rebuild a trained module from a checkpoint (a path or its :func:`read_checkpoint` contents).
 
     Encoder weights are not fetched again (the checkpoint holds them); a checkpoint whose tensors do
     not fit the architecture it names gets an error instead of a half-loaded model.
     """
-    ckpt = torch.load(ckpt_path, map_location=map_location, weights_only=True)
-    if "hyper_parameters" not in ckpt or "net" not in ckpt["hyper_parameters"]:
-        raise ValueError(f"{ckpt_path}: not a busi-mtl checkpoint (no model hyperparameters inside).")
+    name = ckpt if not isinstance(ckpt, dict) else "checkpoint"
+    if not isinstance(ckpt, dict):
+        ckpt = read_checkpoint(ckpt, map_location)
+    if "net" not in ckpt.get("hyper_parameters", {}):
+        raise ValueError(f"{name}: not a busi-mtl checkpoint (no model hyperparameters inside).")
     hparams = dict(ckpt["hyper_parameters"])
     hparams["net"] = {**hparams["net"], "encoder_weights": None}
     module = MultiTaskModule(**hparams)
@@ -191,6 +204,6 @@ def load_module(ckpt_path: str | Path, map_location: str | torch.device = "cpu")
         module.load_state_dict(ckpt["state_dict"])
     except RuntimeError as err:
         raise ValueError(
-            f"{ckpt_path}: weights do not match the architecture saved with them ({hparams['net']}): {err}"
+            f"{name}: weights do not match the architecture saved with them ({hparams['net']}): {err}"
         ) from err
-    return module.eval()
+    return module.to(map_location).eval()
