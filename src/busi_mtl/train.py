@@ -35,14 +35,17 @@ log = logging.getLogger(__name__)
 def build_module(cfg: DictConfig) -> MultiTaskModule:
     """The LightningModule from the model/loss/optimizer/scheduler groups, as plain dicts."""
     plain = lambda node: OmegaConf.to_container(node, resolve=True)  # noqa: E731
+    net = plain(cfg.model)
     return MultiTaskModule(
-        net=plain(cfg.model),
+        net={k: v for k, v in net.items() if k not in ("compile", "channels_last")},
         loss=plain(cfg.loss),
         optimizer=plain(cfg.optimizer),
         scheduler=plain(cfg.scheduler),
         monitor=cfg.monitor.metric,
         threshold=cfg.threshold,
         score_weights=plain(cfg.monitor.score_weights),
+        compile=net.get("compile", False),
+        channels_last=net.get("channels_last", False),
     )
 
 

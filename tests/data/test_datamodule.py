@@ -9,7 +9,7 @@ import torch
 from sklearn.utils.class_weight import compute_class_weight
 from torch.utils.data import DataLoader
 
-from busi_mtl.data.datamodule import BUSIDataModule, seed_augmentation_worker
+from busi_mtl.data.datamodule import BUSIDataModule, worker_init
 from busi_mtl.data.synthetic import generate_busi
 
 
@@ -128,7 +128,7 @@ def test_workers_get_different_augmentation_streams(synthetic_busi, tmp_path):
         )
         return [b["image"] for b in loader]  # batch k comes from worker k
 
-    seeded = first_draws(seed_augmentation_worker)
+    seeded = first_draws(worker_init)
     assert not torch.equal(seeded[0], seeded[1])
     unseeded = first_draws(None)
     assert torch.equal(unseeded[0], unseeded[1])

@@ -56,6 +56,8 @@ class MultiTaskModule(pl.LightningModule):
         monitor: str = "val/score",
         threshold: float = 0.5,
         score_weights: dict[str, float] | None = None,
+        compile: bool = False,
+        channels_last: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(logger=False)  # train.py logs the whole run config once, with results
@@ -65,9 +67,15 @@ class MultiTaskModule(pl.LightningModule):
         self.cls_metrics = nn.ModuleDict({stage: classification_metrics(len(CLASSES)) for stage in STAGES})
         self.confusion = nn.ModuleDict({stage: confusion_matrix(len(CLASSES)) for stage in STAGES})
         self.score_weights = score_weights or {"dice": 0.5, "f1": 0.5}
+        if channels_last:  # NHWC convolutions: faster with tensor cores under AMP
+            self.net = self.net.to(memory_format=torch.channels_last)
+        # Compiled forward kept outside the module tree, so state_dict keys (and checkpoints) are unchanged.
+        self._forward = [torch.compile(self.net)] if compile else [self.net]
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.net(images)
+        if self.hparams.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return self._forward[0](images)
 
     def setup(self, stage: str) -> None:
         """Take the train split's class weights and intensity statistics from the datamodule."""
