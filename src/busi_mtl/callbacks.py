@@ -1,4 +1,4 @@
-"""Lightning callbacks: a validation overlay gallery and the confusion matrix in TensorBoard."""
+"""Lightning callbacks: overlay galleries and confusion matrices in TensorBoard; a NaN/inf loss guard."""
 
 from __future__ import annotations
 
@@ -73,3 +73,40 @@ class OverlayGallery(pl.Callback):
         figure = confusion_figure(np.array(results["confusion_matrix"]), CLASSES, "test confusion matrix")
         for logger in _tensorboards(trainer):
             logger.experiment.add_figure("test/confusion_matrix", figure, trainer.global_step)
+
+
+class FiniteLossGuard(pl.Callback):
+    """Stop training at a NaN/inf loss with a clear error, before any checkpoint can hold the damage.
+
+    The check accumulates on the device every step (no host sync) and is read every
+    ``check_every_n_steps`` steps and before each validation, i.e. before checkpoints are written.
+    """
+
+    def __init__(self, check_every_n_steps: int = 10) -> None:
+        self.check_every_n_steps = max(1, check_every_n_steps)
+        self._bad: torch.Tensor | None = None
+        self._last_good_step = 0
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx
+    ) -> None:
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        bad = ~torch.isfinite(loss.detach())
+        self._bad = bad if self._bad is None else self._bad | bad
+        if trainer.global_step % self.check_every_n_steps == 0:
+            self._check(trainer)
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self._check(trainer)
+
+    def _check(self, trainer: pl.Trainer) -> None:
+        if self._bad is not None and bool(self._bad):
+            raise FloatingPointError(
+                f"Training loss became NaN or inf between optimizer steps {self._last_good_step} and "
+                f"{trainer.global_step} (epoch {trainer.current_epoch}); stopped before checkpointing it. "
+                "Try a lower optimizer.lr, trainer.gradient_clip_val, trainer.precision=32-true, or check "
+                "the data with `python -m busi_mtl.data.audit`."
+            )
+        self._bad = None
+        self._last_good_step = trainer.global_step

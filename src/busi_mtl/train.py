@@ -3,7 +3,8 @@
 Composes ``conf/train.yaml``, instantiates the datamodule, module, callbacks, loggers and trainer, fits,
 then scores the best checkpoint on test and writes ``metrics.json`` to the run directory (with the val
 metrics that checkpoint was chosen for). Returns the monitored value of the best checkpoint so Hydra
-sweepers can optimise it. Safe under DDP: only global rank 0 writes files.
+sweepers can optimise it. Safe under DDP: only global rank 0 writes files. ``ckpt_path=...`` or
+``resume=true`` (with ``hydra.run.dir`` set to the run) continues an interrupted run.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ def build_module(cfg: DictConfig) -> MultiTaskModule:
         score_weights=plain(cfg.monitor.score_weights),
         compile=net.get("compile", False),
         channels_last=net.get("channels_last", False),
+        seed=cfg.seed,
     )
 
 
@@ -83,13 +85,53 @@ def best_checkpoint_summary(trainer: pl.Trainer) -> dict:
     }
 
 
+def resume_checkpoint(cfg: DictConfig, out: Path) -> str | None:
+    """``ckpt_path`` if given; with ``resume=true`` the newest of this run directory's ``last.ckpt`` and
+    Lightning's SLURM ``hpc_ckpt_*.ckpt`` (None, i.e. a fresh start, when there is neither)."""
+    if cfg.get("ckpt_path"):
+        return str(cfg.ckpt_path)
+    if not cfg.get("resume"):
+        return None
+    candidates = [p for p in [out / "checkpoints" / "last.ckpt", *out.glob("hpc_ckpt_*.ckpt")] if p.is_file()]
+    if not candidates:
+        log.info("resume=true: no checkpoint in %s yet; starting from scratch.", out)
+        return None
+    newest = max(candidates, key=lambda p: p.stat().st_mtime)
+    log.info("resume=true: continuing from %s", newest)
+    return str(newest)
+
+
+def check_resumable(ckpt_path: str, module: MultiTaskModule) -> None:
+    """Refuse a checkpoint of another architecture with a readable diff, not a state_dict traceback."""
+    saved = read_checkpoint(ckpt_path).get("hyper_parameters", {}).get("net")
+    if saved is None:
+        raise ValueError(f"ckpt_path={ckpt_path}: not a busi-mtl training checkpoint.")
+    current = module.hparams.net
+    differing = sorted(
+        k for k in set(saved) | set(current) if k != "encoder_weights" and saved.get(k) != current.get(k)
+    )
+    if differing:
+        detail = ", ".join(
+            f"model.{k}: checkpoint {saved.get(k)!r} vs this run {current.get(k)!r}" for k in differing
+        )
+        raise ValueError(
+            f"ckpt_path={ckpt_path} was trained with another model ({detail}). Resume with the same model config."
+        )
+
+
 @task_wrapper
 def train(cfg: DictConfig) -> dict:
     """Fit, test the best checkpoint, write ``metrics.json`` (rank 0); returns the metrics."""
     out = Path(cfg.paths.output_dir)
     pl.seed_everything(cfg.seed, workers=True)
-    datamodule: pl.LightningDataModule = hydra.utils.instantiate(cfg.data)
+    ckpt_path = resume_checkpoint(cfg, out)
+    data_cfg = cfg.data
+    if ckpt_path and not cfg.data.get("split_file") and (out / "split.csv").is_file():
+        data_cfg = OmegaConf.merge(cfg.data, {"split_file": str(out / "split.csv")})  # the run's own split
+    datamodule: pl.LightningDataModule = hydra.utils.instantiate(data_cfg)
     module = build_module(cfg)
+    if ckpt_path:
+        check_resumable(ckpt_path, module)
     loggers = instantiate_loggers(cfg.get("logger"))
     trainer: pl.Trainer = hydra.utils.instantiate(
         cfg.trainer, callbacks=instantiate_callbacks(cfg.get("callbacks")), logger=loggers or False
@@ -98,7 +140,7 @@ def train(cfg: DictConfig) -> dict:
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / "run_info.json", run_info())
     if cfg.train:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
 
     metrics: dict = {"monitor": cfg.monitor.metric, **best_checkpoint_summary(trainer)}
     metrics.update(epochs_trained=trainer.current_epoch, global_step=trainer.global_step)

@@ -101,7 +101,12 @@ def test_balanced_sampler_balances_and_disables_loss_weights(tmp_path):
         root, tmp_path, balanced_sampler=True, val_fraction=0.0, test_fraction=0.0, image_size=32
     )
     assert torch.equal(dm.class_weights, torch.ones(3))
-    drawn = torch.cat([b["label"] for _ in range(15) for b in dm.train_dataloader()])
+    drawn = []
+    for epoch in range(15):
+        loader = dm.train_dataloader()
+        loader.sampler.set_epoch(epoch)  # Lightning does this before every epoch
+        drawn += [b["label"] for b in loader]
+    drawn = torch.cat(drawn)
     shares = torch.bincount(drawn, minlength=3).float() / len(drawn)
     assert (shares - 1 / 3).abs().max() < 0.08  # unbalanced would be 0.15 / 0.6 / 0.25
 
@@ -117,21 +122,30 @@ def test_augment_switch(synthetic_busi, tmp_path):
     assert augmented.datasets["val"].transform is None and augmented.datasets["test"].transform is None
 
 
-def test_workers_get_different_augmentation_streams(synthetic_busi, tmp_path):
-    """Each worker's first draw on the same image differs; without per-worker seeding they would be equal."""
+def _epoch_images(dm: BUSIDataModule, epoch: int, workers: int) -> tuple[list[str], torch.Tensor]:
+    loader = dm.train_dataloader()
+    loader = DataLoader(
+        loader.dataset, batch_size=4, sampler=loader.sampler, num_workers=workers, worker_init_fn=worker_init
+    )
+    loader.sampler.set_epoch(epoch)
+    batches = list(loader)
+    return [i for b in batches for i in b["id"]], torch.cat([b["image"] for b in batches])
+
+
+def test_batches_depend_on_seed_and_epoch_only(synthetic_busi, tmp_path):
+    """Order and augmentation are functions of (seed, epoch): the same with 0 or 2 workers, different
+    between epochs. This is what makes a resumed run identical to an uninterrupted one."""
     dm = _datamodule(synthetic_busi, tmp_path)
-    dataset = dm.datasets["train"]
-
-    def first_draws(worker_init_fn):
-        loader = DataLoader(
-            dataset, sampler=[0, 0], batch_size=1, num_workers=2, worker_init_fn=worker_init_fn
-        )
-        return [b["image"] for b in loader]  # batch k comes from worker k
-
-    seeded = first_draws(worker_init)
-    assert not torch.equal(seeded[0], seeded[1])
-    unseeded = first_draws(None)
-    assert torch.equal(unseeded[0], unseeded[1])
+    ids0, images0 = _epoch_images(dm, epoch=3, workers=0)
+    ids2, images2 = _epoch_images(dm, epoch=3, workers=2)
+    assert ids0 == ids2
+    torch.testing.assert_close(images0, images2)
+    ids_next, images_next = _epoch_images(dm, epoch=4, workers=0)
+    assert ids_next != ids0 and not torch.equal(images_next, images0)
+    keys = list(iter(dm.train_dataloader().sampler))
+    assert all(isinstance(k, tuple) and k[1] == 0 for k in keys) and sorted(k[0] for k in keys) == list(
+        range(len(keys))
+    )
 
 
 def test_missing_mask_skip_policy(make_busi, tmp_path):

@@ -105,7 +105,8 @@ def load_mask(mask_paths: Sequence[str | Path], shape: tuple[int, int]) -> np.nd
 
     Masks may be gray, RGB or RGBA with values {0, 255} or {0, 1}; any other value means the file is not a
     label mask (e.g. a JPEG-compressed or anti-aliased export) and is refused rather than guessed at.
-    A mask whose size differs from its image is resized with nearest neighbour, with a warning.
+    A mask whose size differs from its image but has its aspect ratio (a rescaled export) is resized with
+    nearest neighbour, with a warning; a different aspect ratio means a wrong file and is an error.
     """
     union = np.zeros(shape, dtype=np.uint8)
     for mask_path in mask_paths:
@@ -119,6 +120,13 @@ def load_mask(mask_paths: Sequence[str | Path], shape: tuple[int, int]) -> np.nd
             )
         mask = raw > 0 if raw.ndim == 2 else (raw[..., :3] > 0).any(axis=2)
         if mask.shape != shape:
+            mask_aspect, image_aspect = mask.shape[1] / mask.shape[0], shape[1] / shape[0]
+            if abs(mask_aspect / image_aspect - 1) > 0.05:
+                raise BUSIDataError(
+                    f"{mask_path}: mask is {mask.shape[1]}x{mask.shape[0]} but its image is {shape[1]}x{shape[0]}, "
+                    "a different aspect ratio: it is probably not this image's mask. Re-export the mask "
+                    "at the image's size."
+                )
             log.warning(
                 "%s: mask is %dx%d but its image is %dx%d; resized with nearest neighbour.",
                 mask_path,

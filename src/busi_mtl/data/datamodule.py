@@ -19,7 +19,7 @@ import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
 from sklearn.utils.class_weight import compute_class_weight
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, WeightedRandomSampler, get_worker_info
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from busi_mtl.data import CLASSES
 from busi_mtl.data.audit import duplicate_groups
@@ -32,7 +32,12 @@ log = logging.getLogger(__name__)
 
 
 class BUSIDataset(Dataset):
-    """Samples ``indices`` of the cached arrays, augmenting image and mask together when a transform is set."""
+    """Samples ``indices`` of the cached arrays, augmenting image and mask together when a transform is set.
+
+    Keys are positions, or ``(position, epoch)`` pairs from :class:`EpochSampler`: the augmentation of a
+    sample is then seeded by (seed, epoch, position) alone, so it does not depend on the number of
+    DataLoader workers, on which worker serves it, or on whether the run was interrupted and resumed.
+    """
 
     def __init__(
         self,
@@ -40,19 +45,25 @@ class BUSIDataset(Dataset):
         indices: np.ndarray,
         labels: np.ndarray,
         transform: A.Compose | None = None,
+        seed: int = 0,
     ) -> None:
         self.arrays = arrays
         self.indices = np.asarray(indices)
         self.labels = np.asarray(labels)
         self.transform = transform
+        self.seed = seed
 
     def __len__(self) -> int:
         return len(self.indices)
 
-    def __getitem__(self, i: int) -> dict:
+    def __getitem__(self, key: int | tuple[int, int]) -> dict:
+        i, epoch = key if isinstance(key, tuple) else (key, 0)
         j = int(self.indices[i])
         image, mask = np.array(self.arrays.images[j]), np.array(self.arrays.masks[j])  # writable copies
         if self.transform is not None:
+            self.transform.set_random_seed(
+                int(np.random.SeedSequence([self.seed, epoch, i]).generate_state(1)[0])
+            )
             out = self.transform(image=image, mask=mask)
             image, mask = out["image"], out["mask"]
         return {
@@ -61,6 +72,40 @@ class BUSIDataset(Dataset):
             "label": torch.tensor(int(self.labels[j]), dtype=torch.long),
             "id": self.arrays.ids[j],
         }
+
+
+class EpochSampler(DistributedSampler):
+    """Training order as a pure function of (seed, epoch), yielding ``(position, epoch)`` keys.
+
+    A shuffled permutation, or with ``weights`` a class-balanced draw with replacement. Lightning calls
+    ``set_epoch`` before each epoch, so a run resumed at epoch k sees exactly the batches an uninterrupted
+    run sees. Under DDP each rank takes every ``num_replicas``-th key (a DistributedSampler subclass is
+    used as is by Lightning); on one process ``num_replicas=1``.
+    """
+
+    def __init__(self, dataset: BUSIDataset, seed: int, weights: np.ndarray | None = None) -> None:
+        distributed = dist.is_available() and dist.is_initialized()
+        super().__init__(
+            dataset,
+            num_replicas=None if distributed else 1,
+            rank=None if distributed else 0,
+            shuffle=True,
+            seed=seed,
+        )
+        self.weights = None if weights is None else torch.as_tensor(weights, dtype=torch.double)
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        n = len(self.dataset)
+        if self.weights is None:
+            order = torch.randperm(n, generator=generator)
+        else:
+            order = torch.multinomial(self.weights, n, replacement=True, generator=generator)
+        order = order.tolist()
+        order += order[
+            : self.total_size - n
+        ]  # pad to a multiple of the world size, as DistributedSampler does
+        return iter([(i, self.epoch) for i in order[self.rank : self.total_size : self.num_replicas]])
 
 
 class UnpaddedDistributedSampler(DistributedSampler):
@@ -81,18 +126,10 @@ class UnpaddedDistributedSampler(DistributedSampler):
 
 
 def worker_init(worker_id: int) -> None:
-    """Set up a DataLoader worker: one torch thread, and its own augmentation stream.
-
-    Workers are processes already; letting each also spawn torch threads oversubscribes the cores the
-    training step needs (OpenCV is limited before the workers fork, see ``dataloader``).
-    albumentations keeps its own RNG, so without reseeding every worker would replay the same random
-    sequence; torch's per-worker seed comes from the seeded main process, so runs stay reproducible.
-    """
+    """One torch thread per DataLoader worker: workers are processes already, and more threads per
+    worker oversubscribe the cores the training step needs (OpenCV is limited before the workers fork,
+    see ``BUSIDataModule.dataloader``)."""
     torch.set_num_threads(1)
-    info = get_worker_info()
-    transform = getattr(info.dataset, "transform", None) if info else None
-    if transform is not None:
-        transform.set_random_seed(torch.initial_seed() % 2**32)
 
 
 class BUSIDataModule(pl.LightningDataModule):
@@ -139,8 +176,6 @@ class BUSIDataModule(pl.LightningDataModule):
         self.datasets: dict[str, BUSIDataset] = {}
         self.class_weights = torch.ones(len(CLASSES))
         self.pixel_mean, self.pixel_std = 0.5, 0.25
-        # One stream for the whole run, so every epoch draws a new (but reproducible) balanced sample.
-        self._sampler_generator = torch.Generator().manual_seed(seed)
 
     def prepare_data(self) -> None:
         """Generate the synthetic set on first use and build the preprocessing cache (rank 0 only in DDP)."""
@@ -178,10 +213,14 @@ class BUSIDataModule(pl.LightningDataModule):
         labels = self.manifest["label"].to_numpy()
         split = table.set_index("id").loc[self.manifest["id"], "split"].to_numpy()
         train_idx = np.flatnonzero(split == "train")
-        transform = train_augmentation(hp.aug_strength, seed=hp.seed) if hp.augment else None
+        transform = train_augmentation(hp.aug_strength) if hp.augment else None
         self.datasets = {
             name: BUSIDataset(
-                self.arrays, np.flatnonzero(split == name), labels, transform if name == "train" else None
+                self.arrays,
+                np.flatnonzero(split == name),
+                labels,
+                transform if name == "train" else None,
+                seed=hp.seed,
             )
             for name in SPLITS
         }
@@ -228,14 +267,14 @@ class BUSIDataModule(pl.LightningDataModule):
         """DataLoader over one split ("train", "val", "test") or over every image ("all")."""
         hp = self.hparams
         dataset = self.datasets[name]
-        sampler = None
-        if train and hp.balanced_sampler:
-            counts = np.bincount(dataset.labels[dataset.indices], minlength=len(CLASSES))
-            weights = 1.0 / counts[dataset.labels[dataset.indices]]
-            sampler = WeightedRandomSampler(
-                weights.tolist(), len(dataset), replacement=True, generator=self._sampler_generator
-            )
-        elif not train and dist.is_available() and dist.is_initialized():
+        sampler: DistributedSampler | None = None
+        if train:
+            weights = None
+            if hp.balanced_sampler:  # each class drawn equally often
+                counts = np.bincount(dataset.labels[dataset.indices], minlength=len(CLASSES))
+                weights = 1.0 / counts[dataset.labels[dataset.indices]]
+            sampler = EpochSampler(dataset, hp.seed, weights)
+        elif dist.is_available() and dist.is_initialized():
             sampler = UnpaddedDistributedSampler(dataset)  # Lightning keeps DistributedSampler subclasses
         workers = self.num_workers
         if workers > 0:
@@ -245,13 +284,14 @@ class BUSIDataModule(pl.LightningDataModule):
         return DataLoader(
             dataset,
             batch_size=hp.batch_size if train else (hp.eval_batch_size or hp.batch_size),
-            shuffle=train and sampler is None,
             sampler=sampler,
             drop_last=train and len(dataset) > hp.batch_size,
             num_workers=workers,
             pin_memory=hp.pin_memory,
             persistent_workers=hp.persistent_workers and workers > 0,
             worker_init_fn=worker_init,
+            # Its own generator, so creating an iterator never consumes the global RNG (resume = no resume).
+            generator=torch.Generator().manual_seed(hp.seed),
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import logging
 import math
+import random
 from pathlib import Path
 
 import hydra
+import numpy as np
 import pytorch_lightning as pl
 import torch
 from torch import nn
@@ -58,6 +60,7 @@ class MultiTaskModule(pl.LightningModule):
         score_weights: dict[str, float] | None = None,
         compile: bool = False,
         channels_last: bool = False,
+        seed: int = 0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(logger=False)  # train.py logs the whole run config once, with results
@@ -83,6 +86,18 @@ class MultiTaskModule(pl.LightningModule):
         if stage == "fit" and datamodule is not None:
             self.criterion.set_class_weights(datamodule.class_weights)
             self.net.set_normalization(datamodule.pixel_mean, datamodule.pixel_std)
+
+    def on_train_epoch_start(self) -> None:
+        """Reseed torch/numpy/random from (seed, epoch, rank): dropout and any other global randomness then
+        depend on the epoch alone, so a run resumed at an epoch boundary continues exactly like an
+        uninterrupted one (batch order and augmentation are seeded the same way by the datamodule)."""
+        state = np.random.SeedSequence(
+            [self.hparams.seed, self.current_epoch, self.global_rank]
+        ).generate_state(1)
+        seed = int(state[0])
+        torch.manual_seed(seed)
+        np.random.seed(seed)
+        random.seed(seed)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         mask_logits, class_logits = self(batch["image"])
