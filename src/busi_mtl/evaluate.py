@@ -11,6 +11,7 @@ false-positive normals).
 from __future__ import annotations
 
 import logging
+from dataclasses import asdict
 from pathlib import Path
 
 import hydra
@@ -27,7 +28,8 @@ from busi_mtl.callbacks import pick_gallery_indices
 from busi_mtl.data import CLASSES
 from busi_mtl.data.datamodule import BUSIDataModule
 from busi_mtl.metrics import SegmentationMetrics, classification_metrics, confusion_matrix, per_image_scores
-from busi_mtl.models.module import load_module, read_checkpoint
+from busi_mtl.models.module import MultiTaskModule, load_module, read_checkpoint
+from busi_mtl.postprocess import PostProcess
 from busi_mtl.utils.paths import CONFIG_DIR
 from busi_mtl.utils.run import print_metrics, run_info, task_wrapper, write_json
 from busi_mtl.visualize import class_lines, confusion_figure, dice_figure, draw_overlay, roc_figure, tile
@@ -59,6 +61,8 @@ def per_image_table(outputs: list[dict]) -> pd.DataFrame:
     probs = torch.cat([o["probs"] for o in outputs])
     preds, masks = torch.cat([o["pred_mask"] for o in outputs]), torch.cat([o["true_mask"] for o in outputs])
     dice, iou = per_image_scores(preds, masks)
+    pp = torch.cat([o["pp_mask"] for o in outputs])
+    pp_dice, _ = per_image_scores(pp, masks)
     labels = torch.cat([o["label"] for o in outputs]).numpy()
     table = pd.DataFrame(
         {
@@ -69,21 +73,27 @@ def per_image_table(outputs: list[dict]) -> pd.DataFrame:
             "dice": dice.numpy(),
             "iou": iou.numpy(),
             "pred_lesion_px": preds.flatten(1).sum(1).numpy(),
+            "pp_dice": pp_dice.numpy(),
+            "pp_lesion_px": pp.flatten(1).sum(1).numpy(),
             "true_lesion_px": masks.flatten(1).sum(1).numpy(),
         }
     )
     return table
 
 
-def aggregate(outputs: list[dict]) -> dict:
+def aggregate(outputs: list[dict], module: MultiTaskModule) -> dict:
     """The same metric definitions as training (busi_mtl.metrics) over all predicted images."""
-    seg, cls, cm = SegmentationMetrics(), classification_metrics(len(CLASSES)), confusion_matrix(len(CLASSES))
+    seg, pp, cls = SegmentationMetrics(), SegmentationMetrics(), classification_metrics(len(CLASSES))
+    cm = confusion_matrix(len(CLASSES))
     for o in outputs:
         seg.update(o["pred_mask"], o["true_mask"], o["label"])
+        pp.update(o["pp_mask"], o["true_mask"], o["label"])
         cls.update(o["probs"], o["label"])
         cm.update(o["probs"], o["label"])
     values = {k: float(v) for k, v in {**seg.compute(), **cls.compute()}.items()}
-    values["score"] = (values["dice"] + values["f1"]) / 2
+    if module.postprocess.enabled:
+        values.update({f"pp_{k}": float(v) for k, v in pp.compute().items() if not k.startswith("n_")})
+    values["score"] = sum(w * values[k] for k, w in module.score_weights.items())
     values["confusion_matrix"] = cm.compute().long().tolist()
     return values
 
@@ -134,6 +144,9 @@ def evaluate(cfg: DictConfig) -> dict:
     module = load_module(ckpt)
     if cfg.threshold is not None:
         module.hparams.threshold = float(cfg.threshold)
+    overrides_pp = {k: v for k, v in OmegaConf.to_container(cfg.postprocess).items() if v is not None}
+    if overrides_pp:
+        module.postprocess = PostProcess(**{**asdict(module.postprocess), **overrides_pp})
     overrides = OmegaConf.to_container(cfg.data, resolve=True)
     datamodule = datamodule_from_checkpoint(ckpt, overrides, cfg.split, out)
     datamodule.prepare_data()
@@ -146,7 +159,7 @@ def evaluate(cfg: DictConfig) -> dict:
         "ckpt_path": str(ckpt_path),
         "split": cfg.split,
         "n_images": len(table),
-        cfg.split: aggregate(outputs),
+        cfg.split: aggregate(outputs, module),
     }
     table.to_csv(out / "per_image.csv", index=False)
     write_json(out / "metrics.json", metrics)

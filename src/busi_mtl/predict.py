@@ -125,6 +125,15 @@ class Predictor:
         preprocessing = Preprocessing.from_hparams(ckpt["datamodule_hyper_parameters"])
         return cls(module, preprocessing, module.hparams.threshold if threshold is None else threshold, tta)
 
+    def postprocess_mask(self, mask: np.ndarray, class_probs: np.ndarray) -> np.ndarray:
+        """The checkpoint's post-processing (normal gating, small components) on one full-size mask."""
+        tensor = torch.from_numpy(mask)[None, None]
+        return (
+            self.module.postprocess(tensor, torch.from_numpy(class_probs)[None])[0, 0]
+            .numpy()
+            .astype(np.uint8)
+        )
+
     @torch.no_grad()
     def __call__(self, images: Sequence[np.ndarray]) -> tuple[list[np.ndarray], np.ndarray]:
         """Lesion probability maps at each image's own size, and class probabilities (N, 3)."""
@@ -170,7 +179,7 @@ def predict_folder(predictor: Predictor, source: Path, output: Path, batch_size:
             continue
         prob_maps, class_probs = predictor(images)
         for path, image, prob, cls_prob in zip(readable, images, prob_maps, class_probs, strict=True):
-            mask = (prob > predictor.threshold).astype(np.uint8)
+            mask = predictor.postprocess_mask(prob > predictor.threshold, cls_prob)
             label = CLASSES[int(cls_prob.argmax())]
             mask_path = inside(output, output / "masks" / f"{names[path]}_mask.png")
             overlay_path = inside(output, output / "overlays" / f"{names[path]}_overlay.png")

@@ -48,6 +48,7 @@ def build_module(cfg: DictConfig) -> MultiTaskModule:
         compile=net.get("compile", False),
         channels_last=net.get("channels_last", False),
         seed=cfg.seed,
+        postprocess=plain(cfg.postprocess),
     )
 
 

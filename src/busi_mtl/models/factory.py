@@ -15,6 +15,7 @@ from pathlib import Path
 
 import segmentation_models_pytorch as smp
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 
@@ -33,35 +34,39 @@ class EncoderWeightsError(RuntimeError):
 
 
 class ClassificationHead(nn.Module):
-    """Global average pooling of the bottleneck features, then dropout + FC layers."""
+    """Dropout + FC layers on pooled bottleneck features."""
 
     def __init__(
-        self, in_channels: int, num_classes: int, hidden: Sequence[int] = (256,), dropout: float = 0.3
+        self, in_features: int, num_classes: int, hidden: Sequence[int] = (256,), dropout: float = 0.3
     ):
         super().__init__()
-        layers: list[nn.Module] = [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
-        width = in_channels
+        layers: list[nn.Module] = []
+        width = in_features
         for size in hidden:
             layers += [nn.Dropout(dropout), nn.Linear(width, size), nn.ReLU(inplace=True)]
             width = size
         layers += [nn.Dropout(dropout), nn.Linear(width, num_classes)]
         self.layers = nn.Sequential(*layers)
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.layers(features)
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        return self.layers(pooled)
 
 
 class MultiTaskNet(nn.Module):
     """Images in [0, 1] (B, 1, H, W) -> (mask logits (B, 1, H, W), class logits (B, num_classes)).
 
+    The classifier sees the bottleneck features averaged over the whole image and, with
+    ``mask_pooling``, also averaged inside the predicted lesion (the mask probability, pooled to the
+    bottleneck grid and detached, as weights), which points it at the lesion's own texture and margin.
     The z-score normalisation is a buffer pair set from the train split, so it travels with the weights
     into checkpoints and exported models.
     """
 
-    def __init__(self, seg: smp.base.SegmentationModel, head: nn.Module) -> None:
+    def __init__(self, seg: smp.base.SegmentationModel, head: nn.Module, mask_pooling: bool = False) -> None:
         super().__init__()
         self.seg = seg
         self.head = head
+        self.mask_pooling = mask_pooling
         self.register_buffer("pixel_mean", torch.tensor(0.5))
         self.register_buffer("pixel_std", torch.tensor(0.25))
 
@@ -73,7 +78,15 @@ class MultiTaskNet(nn.Module):
         x = (images - self.pixel_mean) / self.pixel_std
         features = self.seg.encoder(x)
         masks = self.seg.segmentation_head(self.seg.decoder(features))
-        return masks, self.head(features[-1])
+        bottleneck = features[-1]
+        pooled = bottleneck.mean(dim=(2, 3))
+        if self.mask_pooling:
+            weights = F.adaptive_avg_pool2d(masks.detach().float().sigmoid(), bottleneck.shape[-2:]).to(
+                bottleneck.dtype
+            )
+            inside = (bottleneck * weights).sum(dim=(2, 3)) / (weights.sum(dim=(2, 3)) + 1e-3)
+            pooled = torch.cat([pooled, inside], dim=1)
+        return masks, self.head(pooled)
 
 
 def _adapt_first_conv(state: dict[str, torch.Tensor], target: dict[str, torch.Tensor]) -> None:
@@ -152,6 +165,7 @@ def build_model(
     head_hidden: Sequence[int] = (256,),
     head_dropout: float = 0.3,
     num_classes: int = 3,
+    mask_pooling: bool = False,
 ) -> MultiTaskNet:
     """The multi-task network for ``conf/model/*.yaml``; see the module docstring for weight sources."""
     if arch not in ARCHS:
@@ -168,5 +182,6 @@ def build_model(
             load_local_encoder_weights(seg.encoder, as_path)
         else:
             seg = _download_encoder(arch, encoder_name, encoder_weights, **kwargs)
-    head = ClassificationHead(seg.encoder.out_channels[-1], num_classes, head_hidden, head_dropout)
-    return MultiTaskNet(seg, head)
+    width = seg.encoder.out_channels[-1] * (2 if mask_pooling else 1)
+    head = ClassificationHead(width, num_classes, head_hidden, head_dropout)
+    return MultiTaskNet(seg, head, mask_pooling)

@@ -28,6 +28,7 @@ from busi_mtl.metrics import (
     confusion_matrix,
 )
 from busi_mtl.models.factory import MultiTaskNet, build_model
+from busi_mtl.postprocess import PostProcess
 
 log = logging.getLogger(__name__)
 
@@ -61,12 +62,15 @@ class MultiTaskModule(pl.LightningModule):
         compile: bool = False,
         channels_last: bool = False,
         seed: int = 0,
+        postprocess: dict | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(logger=False)  # train.py logs the whole run config once, with results
         self.net: MultiTaskNet = build_model(**net)
         self.criterion = MultiTaskLoss(**loss)
+        self.postprocess = PostProcess(**(postprocess or {}))
         self.seg_metrics = nn.ModuleDict({stage: SegmentationMetrics() for stage in STAGES})
+        self.pp_metrics = nn.ModuleDict({stage: SegmentationMetrics() for stage in STAGES})
         self.cls_metrics = nn.ModuleDict({stage: classification_metrics(len(CLASSES)) for stage in STAGES})
         self.confusion = nn.ModuleDict({stage: confusion_matrix(len(CLASSES)) for stage in STAGES})
         self.score_weights = score_weights or {"dice": 0.5, "f1": 0.5}
@@ -120,9 +124,11 @@ class MultiTaskModule(pl.LightningModule):
             sync_dist=True,  # epoch means over all ranks' batches; one reduction per epoch
         )
         probs = class_logits.float().softmax(dim=1)
-        self.seg_metrics[stage].update(
-            binarize(mask_logits, self.hparams.threshold), batch["mask"], batch["label"]
-        )
+        # bool masks: the metric's binary check needs no host sync (the datamodule guarantees {0, 1})
+        preds, target = binarize(mask_logits, self.hparams.threshold), batch["mask"].bool()
+        self.seg_metrics[stage].update(preds, target, batch["label"])
+        if self.postprocess.enabled:
+            self.pp_metrics[stage].update(self.postprocess(preds, probs), target, batch["label"])
         self.cls_metrics[stage].update(probs, batch["label"])
         self.confusion[stage].update(probs, batch["label"])
 
@@ -135,17 +141,24 @@ class MultiTaskModule(pl.LightningModule):
     def predict_step(self, batch: dict, batch_idx: int) -> dict:
         """Per-image outputs on the CPU, for evaluation reports (masks at the model's resolution)."""
         mask_logits, class_logits = self(batch["image"])
+        probs = class_logits.float().softmax(dim=1)
+        preds = binarize(mask_logits, self.hparams.threshold)
         return {
             "id": list(batch["id"]),
             "label": batch["label"].cpu(),
-            "probs": class_logits.float().softmax(dim=1).cpu(),
-            "pred_mask": binarize(mask_logits, self.hparams.threshold)[:, 0].cpu(),
+            "probs": probs.cpu(),
+            "pred_mask": preds[:, 0].cpu(),
+            "pp_mask": self.postprocess(preds, probs)[:, 0].cpu(),
             "true_mask": batch["mask"][:, 0].bool().cpu(),
         }
 
     def _end_epoch(self, stage: str) -> None:
         """Compute (DDP-synced by torchmetrics) and log every metric, the score and the confusion cells."""
         values = {**self.seg_metrics[stage].compute(), **self.cls_metrics[stage].compute()}
+        if self.postprocess.enabled:
+            values.update(
+                {f"pp_{k}": v for k, v in self.pp_metrics[stage].compute().items() if not k.startswith("n_")}
+            )
         values = {k: torch.as_tensor(v, dtype=torch.float32, device=self.device) for k, v in values.items()}
         # One number that rewards both tasks, for checkpointing, early stopping and sweeps.
         values["score"] = sum(w * values[k] for k, w in self.score_weights.items())
@@ -155,7 +168,12 @@ class MultiTaskModule(pl.LightningModule):
                 values[key.removeprefix(f"{stage}/")] = confusion[row, col]
         # Values are already global (torchmetrics synced the states); sync_dist just averages equal numbers.
         self.log_dict({f"{stage}/{k}": v for k, v in values.items()}, sync_dist=True)
-        for metric in (self.seg_metrics[stage], self.cls_metrics[stage], self.confusion[stage]):
+        for metric in (
+            self.seg_metrics[stage],
+            self.pp_metrics[stage],
+            self.cls_metrics[stage],
+            self.confusion[stage],
+        ):
             metric.reset()
 
     def on_validation_epoch_end(self) -> None:
