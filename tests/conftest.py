@@ -111,6 +111,6 @@ def trained_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     from busi_mtl.train import train
 
     workdir = tmp_path_factory.mktemp("trained")
-    cfg = compose_config("train", [*TINY_TRAIN, "logger=many"], workdir)
+    cfg = compose_config("train", [*TINY_TRAIN, "logger=many", "postprocess.normal_gate=0.5"], workdir)
     metrics = train(cfg)
     return workdir / "run", metrics

@@ -7,6 +7,7 @@ import json
 import pandas as pd
 import pytest
 
+from busi_mtl.data.synthetic import generate_busi
 from busi_mtl.evaluate import evaluate
 
 from conftest import compose_config
@@ -61,3 +62,32 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="no such checkpoint"):
         _evaluate(tmp_path, f"ckpt_path={tmp_path / 'nope.ckpt'}")
     assert (tmp_path / "run" / "error.txt").is_file()
+
+
+def test_external_validation_on_a_set_without_normals(trained_run, tmp_path):
+    run, _ = trained_run
+    external = generate_busi(tmp_path / "external", per_class={"benign": 6, "malignant": 6}, seed=11)
+
+    cfg = compose_config(
+        "external",
+        [
+            f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}",
+            f"data.root={external}",
+            "trainer.accelerator=cpu",
+        ],
+        tmp_path,
+    )
+    metrics = evaluate(cfg)
+    values = metrics["all"]
+    assert metrics["n_images"] == 12 and values["n_normal_images"] == 0 and values["n_lesion_images"] == 12
+    assert 0 <= values["bm_acc"] <= 1 and 0 <= values["bm_auroc"] <= 1 and 0 <= values["dice"] <= 1
+
+
+def test_postprocess_override_reports_pp_metrics(trained_run, tmp_path):
+    run, _ = trained_run
+    metrics, out = _evaluate(
+        tmp_path, f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}", "postprocess.min_area=0.01"
+    )
+    assert {"pp_dice", "pp_normal_empty_rate", "bm_acc"} <= set(metrics["test"])
+    table = pd.read_csv(out / "per_image.csv")
+    assert (table["pp_lesion_px"] <= table["pred_lesion_px"]).all()

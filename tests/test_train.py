@@ -56,6 +56,7 @@ def test_tiny_training_run_leaves_a_complete_run_dir(trained_run):
     saved = json.loads((run / "metrics.json").read_text())
     assert saved["epochs_trained"] == 2 and saved["monitor"] == "val/score"
     assert METRIC_KEYS.issubset(saved["val"]) and METRIC_KEYS.issubset(saved["test"])
+    assert {"pp_dice", "pp_normal_empty_rate"} <= set(saved["test"])  # post-processing is on in this run
     assert saved["best_val"] == pytest.approx(saved["val"]["score"])
     assert torch.load(saved["best_ckpt"], weights_only=True)["epoch"] == saved["best_epoch"]
     split = pd.read_csv(run / "split.csv")

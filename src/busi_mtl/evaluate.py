@@ -23,9 +23,10 @@ import torch
 from matplotlib.figure import Figure
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import RichProgressBar
+from sklearn.metrics import roc_auc_score
 
 from busi_mtl.callbacks import pick_gallery_indices
-from busi_mtl.data import CLASSES
+from busi_mtl.data import BENIGN, CLASSES, MALIGNANT, NORMAL
 from busi_mtl.data.datamodule import BUSIDataModule
 from busi_mtl.metrics import SegmentationMetrics, classification_metrics, confusion_matrix, per_image_scores
 from busi_mtl.models.module import MultiTaskModule, load_module, read_checkpoint
@@ -81,6 +82,23 @@ def per_image_table(outputs: list[dict]) -> pd.DataFrame:
     return table
 
 
+def benign_vs_malignant(outputs: list[dict]) -> dict[str, float]:
+    """The malignancy decision on lesion images alone (as external sets without normals need):
+    ``p = p_malignant / (p_benign + p_malignant)``; accuracy at 0.5 and ROC AUC."""
+    probs = torch.cat([o["probs"] for o in outputs]).numpy()
+    labels = torch.cat([o["label"] for o in outputs]).numpy()
+    lesion = labels != NORMAL
+    if not lesion.any():
+        return {}
+    p_malignant = probs[lesion, MALIGNANT] / (probs[lesion, BENIGN] + probs[lesion, MALIGNANT])
+    is_malignant = labels[lesion] == MALIGNANT
+    both = 0 < is_malignant.sum() < len(is_malignant)
+    return {
+        "bm_acc": float(((p_malignant >= 0.5) == is_malignant).mean()),
+        "bm_auroc": float(roc_auc_score(is_malignant, p_malignant)) if both else float("nan"),
+    }
+
+
 def aggregate(outputs: list[dict], module: MultiTaskModule) -> dict:
     """The same metric definitions as training (busi_mtl.metrics) over all predicted images."""
     seg, pp, cls = SegmentationMetrics(), SegmentationMetrics(), classification_metrics(len(CLASSES))
@@ -94,6 +112,7 @@ def aggregate(outputs: list[dict], module: MultiTaskModule) -> dict:
     if module.postprocess.enabled:
         values.update({f"pp_{k}": float(v) for k, v in pp.compute().items() if not k.startswith("n_")})
     values["score"] = sum(w * values[k] for k, w in module.score_weights.items())
+    values.update(benign_vs_malignant(outputs))
     values["confusion_matrix"] = cm.compute().long().tolist()
     return values
 

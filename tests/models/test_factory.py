@@ -100,3 +100,18 @@ def test_offline_imagenet_download_gives_actionable_error(monkeypatch):
     assert "imagenet" in message and "resnet18" in message
     assert "model.encoder_weights=null" in message and ".safetensors" in message
     assert isinstance(err.value.__cause__, ConnectionError)
+
+
+def test_mask_guided_pooling_reads_the_predicted_lesion():
+    net = build_model(encoder_name="resnet18", head_hidden=[], mask_pooling=True).eval()
+    assert net.head.layers[-1].in_features == 2 * 512
+    x = torch.rand(2, 1, 64, 64)
+    _, before = net(x)
+    with torch.no_grad():
+        net.seg.segmentation_head[0].bias.add_(5.0)  # a different predicted mask ...
+    _, after = net(x)
+    assert not torch.allclose(before, after)  # ... changes what the classifier pools
+    _, logits = net(x)
+    logits.sum().backward()
+    assert net.seg.segmentation_head[0].weight.grad is None  # the mask weights are detached
+    assert net.seg.encoder.conv1.weight.grad is not None

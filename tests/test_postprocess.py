@@ -1,0 +1,45 @@
+"""Mask post-processing: classifier gating and small-component removal."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from busi_mtl.postprocess import PostProcess
+
+
+def _masks() -> torch.Tensor:
+    masks = torch.zeros(3, 1, 40, 40, dtype=torch.bool)
+    masks[:, :, 5:25, 5:25] = True  # a 400-pixel lesion in every image
+    masks[:, :, 32:34, 32:34] = True  # a 4-pixel speck
+    return masks
+
+
+PROBS = torch.tensor([[0.9, 0.05, 0.05], [0.2, 0.7, 0.1], [0.5, 0.1, 0.4]])
+
+
+def test_disabled_is_identity():
+    pp = PostProcess()
+    assert not pp.enabled
+    assert torch.equal(pp(_masks(), PROBS), _masks())
+
+
+def test_normal_gate_empties_confident_normals_only():
+    out = PostProcess(normal_gate=0.5)(_masks(), PROBS)
+    assert not out[0].any() and not out[2].any()  # p(normal) 0.9 and exactly 0.5
+    assert torch.equal(out[1], _masks()[1])
+
+
+def test_small_components_are_dropped():
+    out = PostProcess(min_area=0.005)(_masks(), PROBS)  # 0.005 * 1600 = 8 pixels
+    assert out[:, :, 5:25, 5:25].all()
+    assert not out[:, :, 32:34, 32:34].any()
+    assert out.dtype == torch.bool and out.shape == (3, 1, 40, 40)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"), [({"normal_gate": 1.5}, "normal_gate"), ({"min_area": 1.0}, "min_area")]
+)
+def test_invalid_settings(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        PostProcess(**kwargs)
