@@ -83,7 +83,7 @@ def test_optuna_study_is_stored_and_resumes(tmp_path):
 
 
 def test_ddp_on_cpu_gives_the_same_metric_keys_without_double_counting(tmp_path, trained_run):
-    result = _train_cli(tmp_path, "trainer=ddp_sim", "trainer.max_epochs=1")
+    result = _train_cli(tmp_path, "trainer=ddp_sim", "trainer.max_epochs=1", "postprocess.normal_gate=0.5")
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     _, single = trained_run
