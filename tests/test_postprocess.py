@@ -37,8 +37,23 @@ def test_small_components_are_dropped():
     assert out.dtype == torch.bool and out.shape == (3, 1, 40, 40)
 
 
+def test_max_components_keeps_the_largest():
+    masks = _masks()
+    masks[:, :, 30:38, 2:10] = True  # a 64-pixel second blob
+    one = PostProcess(max_components=1)(masks, PROBS)
+    assert one.sum() == 3 * 400 and one[:, :, 5:25, 5:25].all()
+    two = PostProcess(max_components=2)(masks, PROBS)
+    assert two.sum() == 3 * (400 + 64) and not two[:, :, 32:34, 32:34].any()
+    assert PostProcess(max_components=1).enabled
+
+
 @pytest.mark.parametrize(
-    ("kwargs", "message"), [({"normal_gate": 1.5}, "normal_gate"), ({"min_area": 1.0}, "min_area")]
+    ("kwargs", "message"),
+    [
+        ({"normal_gate": 1.5}, "normal_gate"),
+        ({"min_area": 1.0}, "min_area"),
+        ({"max_components": 0}, "max_comp"),
+    ],
 )
 def test_invalid_settings(kwargs, message):
     with pytest.raises(ValueError, match=message):

@@ -29,7 +29,7 @@ from busi_mtl.callbacks import pick_gallery_indices
 from busi_mtl.data import BENIGN, CLASSES, MALIGNANT, NORMAL
 from busi_mtl.data.datamodule import BUSIDataModule
 from busi_mtl.metrics import SegmentationMetrics, classification_metrics, confusion_matrix, per_image_scores
-from busi_mtl.models.module import MultiTaskModule, load_module, read_checkpoint
+from busi_mtl.models.module import load_module, read_checkpoint
 from busi_mtl.postprocess import PostProcess
 from busi_mtl.utils.paths import CONFIG_DIR
 from busi_mtl.utils.run import print_metrics, run_info, task_wrapper, write_json
@@ -99,8 +99,9 @@ def benign_vs_malignant(outputs: list[dict]) -> dict[str, float]:
     }
 
 
-def aggregate(outputs: list[dict], module: MultiTaskModule) -> dict:
-    """The same metric definitions as training (busi_mtl.metrics) over all predicted images."""
+def aggregate(outputs: list[dict], score_weights: dict[str, float], postprocessed: bool) -> dict:
+    """The same metric definitions as training (busi_mtl.metrics) over all predicted images; ``pp_*``
+    from the outputs' post-processed masks when ``postprocessed``; ``score`` as the monitor weighs it."""
     seg, pp, cls = SegmentationMetrics(), SegmentationMetrics(), classification_metrics(len(CLASSES))
     cm = confusion_matrix(len(CLASSES))
     for o in outputs:
@@ -109,9 +110,9 @@ def aggregate(outputs: list[dict], module: MultiTaskModule) -> dict:
         cls.update(o["probs"], o["label"])
         cm.update(o["probs"], o["label"])
     values = {k: float(v) for k, v in {**seg.compute(), **cls.compute()}.items()}
-    if module.postprocess.enabled:
+    if postprocessed:
         values.update({f"pp_{k}": float(v) for k, v in pp.compute().items() if not k.startswith("n_")})
-    values["score"] = sum(w * values[k] for k, w in module.score_weights.items())
+    values["score"] = sum(w * values[k] for k, w in score_weights.items())
     values.update(benign_vs_malignant(outputs))
     values["confusion_matrix"] = cm.compute().long().tolist()
     return values
@@ -178,7 +179,7 @@ def evaluate(cfg: DictConfig) -> dict:
         "ckpt_path": str(ckpt_path),
         "split": cfg.split,
         "n_images": len(table),
-        cfg.split: aggregate(outputs, module),
+        cfg.split: aggregate(outputs, module.score_weights, module.postprocess.enabled),
     }
     table.to_csv(out / "per_image.csv", index=False)
     write_json(out / "metrics.json", metrics)

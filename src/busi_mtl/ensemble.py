@@ -1,0 +1,258 @@
+"""Cross-validation fold models as one ensemble, post-processing chosen out of fold:
+``python -m busi_mtl.ensemble runs=outputs/multirun/<timestamp> [tta=true] [split=test|all]``.
+
+1. Every member (each CV job's best checkpoint) predicts its own validation fold. Together these
+   out-of-fold (OOF) predictions cover every non-test image once, each by a model that never trained on it.
+2. The lesion threshold and the post-processing (normal gate, min_area, max_components) are chosen on the
+   OOF predictions, never on the test split, to maximise per-image Dice over *all* images, where a
+   normal image scores 1 when its predicted mask is empty and 0 otherwise: one objective that trades
+   lesion Dice against stray lesions on normal images.
+3. On the test split (or every image under ``data.root`` with ``split=all``, e.g. an external set) the
+   members' lesion and class probabilities are averaged, optionally with horizontal-flip test-time
+   augmentation, then thresholded and post-processed with the chosen settings.
+
+Writes to the run directory: ``metrics.json`` (the chosen settings; the ensemble's metrics raw and
+post-processed; every member's metrics under the same settings, and their mean and std, so that the gain of
+ensembling shows apart from the gain of post-processing; the OOF figures), ``oof_grid.csv`` (the objective
+for every setting tried) and ``per_image.csv`` (the ensemble's per-image results).
+Members must share the image size and the test split (folds of one CV run do).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import hydra
+import pandas as pd
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from busi_mtl.data import NORMAL
+from busi_mtl.evaluate import aggregate, datamodule_from_checkpoint, per_image_table
+from busi_mtl.metrics import per_image_scores
+from busi_mtl.models.module import MultiTaskModule, load_module, read_checkpoint
+from busi_mtl.postprocess import PostProcess
+from busi_mtl.utils.paths import CONFIG_DIR
+from busi_mtl.utils.run import print_metrics, run_info, task_wrapper, write_json
+
+log = logging.getLogger(__name__)
+
+#: Metrics shown for the members' mean and std (the ensemble's metrics.json holds all of them).
+MEMBER_KEYS = ("dice", "iou", "normal_empty_rate", "f1", "acc", "auroc", "pp_dice", "pp_normal_empty_rate")
+
+
+@dataclass
+class Predictions:
+    """Per-image model outputs for one set of images, in the datamodule's order."""
+
+    ids: list[str]
+    labels: torch.Tensor  # (N,) class index
+    class_probs: torch.Tensor  # (N, C) softmax
+    lesion_probs: torch.Tensor  # (N, H, W) sigmoid
+    true_masks: torch.Tensor  # (N, H, W) bool
+
+    def reorder(self, ids: list[str]) -> Predictions:
+        if sorted(ids) != sorted(self.ids):
+            raise ValueError("ensemble members predicted different images: do they share the test split?")
+        order = torch.tensor([self.ids.index(i) for i in ids])
+        return Predictions(
+            ids,
+            self.labels[order],
+            self.class_probs[order],
+            self.lesion_probs[order],
+            self.true_masks[order],
+        )
+
+
+def member_checkpoints(runs: str | Path) -> list[Path]:
+    """The best checkpoint of every finished job (numbered sub-directory) of a multirun, in job order."""
+    sweep = Path(runs).expanduser()
+    jobs = sorted((d for d in sweep.iterdir() if d.is_dir() and d.name.isdigit()), key=lambda d: int(d.name))
+    found = [d / "metrics.json" for d in jobs if (d / "metrics.json").is_file()]
+    if not found:
+        raise FileNotFoundError(
+            f"runs={sweep}: no finished jobs (numbered sub-directories with metrics.json)."
+        )
+    return [Path(json.loads(f.read_text())["best_ckpt"]) for f in found]
+
+
+@torch.inference_mode()
+def predict(module: MultiTaskModule, loader, tta: bool, device: torch.device) -> Predictions:
+    """Lesion and class probabilities; with ``tta`` averaged with those of the horizontally flipped image."""
+    ids, labels, class_probs, lesion_probs, masks = [], [], [], [], []
+    for batch in loader:
+        images = batch["image"].to(device)
+        mask_logits, class_logits = module(images)
+        lesion, probs = mask_logits.float().sigmoid(), class_logits.float().softmax(1)
+        if tta:
+            flip_logits, flip_class = module(images.flip(-1))
+            lesion = (lesion + flip_logits.float().sigmoid().flip(-1)) / 2
+            probs = (probs + flip_class.float().softmax(1)) / 2
+        ids += list(batch["id"])
+        labels.append(batch["label"])
+        class_probs.append(probs.cpu())
+        lesion_probs.append(lesion[:, 0].cpu())
+        masks.append(batch["mask"][:, 0].bool())
+    return Predictions(
+        ids, torch.cat(labels), torch.cat(class_probs), torch.cat(lesion_probs), torch.cat(masks)
+    )
+
+
+def average(members: list[Predictions]) -> Predictions:
+    """Mean of the members' probabilities, image by image (aligned by id)."""
+    first = members[0]
+    aligned = [m.reorder(first.ids) for m in members]
+    return Predictions(
+        first.ids,
+        first.labels,
+        torch.stack([m.class_probs for m in aligned]).mean(0),
+        torch.stack([m.lesion_probs for m in aligned]).mean(0),
+        first.true_masks,
+    )
+
+
+def concat(parts: list[Predictions]) -> Predictions:
+    if len({p.lesion_probs.shape[1:] for p in parts}) > 1:
+        raise ValueError("ensemble members work at different image sizes; they cannot be combined.")
+    return Predictions(
+        [i for p in parts for i in p.ids],
+        torch.cat([p.labels for p in parts]),
+        torch.cat([p.class_probs for p in parts]),
+        torch.cat([p.lesion_probs for p in parts]),
+        torch.cat([p.true_masks for p in parts]),
+    )
+
+
+def all_image_dice(masks: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
+    """Per-image Dice where an empty prediction of an empty truth scores 1 (a normal image left empty)."""
+    dice, _ = per_image_scores(masks, truth)
+    return dice.nan_to_num(1.0)
+
+
+def tune(oof: Predictions, grid: DictConfig) -> tuple[float, PostProcess, pd.DataFrame]:
+    """The threshold and post-processing with the highest mean all-image Dice on the OOF predictions.
+
+    Lesion images without a ground-truth lesion (bad data) are left out; ties go to the first setting in
+    grid order, so list the mildest choices first.
+    """
+    keep = ~((oof.labels != NORMAL) & ~oof.true_masks.flatten(1).any(1))
+    truth, p_normal = oof.true_masks[keep], oof.class_probs[keep, NORMAL]
+    truth_empty = ~truth.flatten(1).any(1)
+    rows = []
+    for threshold, min_area, max_components in itertools.product(
+        grid.threshold, grid.min_area, grid.max_components
+    ):
+        masks = (oof.lesion_probs[keep] > threshold).unsqueeze(1)
+        cleaned = PostProcess(min_area=min_area, max_components=max_components)(masks, oof.class_probs[keep])
+        dice = all_image_dice(cleaned, truth.unsqueeze(1))
+        for gate in grid.normal_gate:
+            gated = dice if gate is None else torch.where(p_normal >= gate, truth_empty.float(), dice)
+            rows.append(
+                {
+                    "threshold": threshold,
+                    "normal_gate": gate,
+                    "min_area": min_area,
+                    "max_components": max_components,
+                    "all_image_dice": float(gated.mean()),
+                }
+            )
+    table = pd.DataFrame(rows)
+    best = table.loc[table["all_image_dice"].idxmax()]
+    gate = None if pd.isna(best["normal_gate"]) else float(best["normal_gate"])
+    max_components = None if pd.isna(best["max_components"]) else int(best["max_components"])
+    chosen = PostProcess(normal_gate=gate, min_area=float(best["min_area"]), max_components=max_components)
+    return float(best["threshold"]), chosen, table
+
+
+def score(
+    pred: Predictions, threshold: float, postprocess: PostProcess, score_weights: dict[str, float]
+) -> tuple[dict, list[dict]]:
+    """Metrics (as busi_mtl.evaluate reports them) and the per-image outputs they came from."""
+    masks = (pred.lesion_probs > threshold).unsqueeze(1)
+    outputs = [
+        {
+            "id": pred.ids,
+            "label": pred.labels,
+            "probs": pred.class_probs,
+            "pred_mask": masks[:, 0],
+            "pp_mask": postprocess(masks, pred.class_probs)[:, 0],
+            "true_mask": pred.true_masks,
+        }
+    ]
+    return aggregate(outputs, score_weights, postprocess.enabled), outputs
+
+
+@task_wrapper
+def ensemble(cfg: DictConfig) -> dict:
+    out = Path(cfg.paths.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if cfg.split not in ("test", "all"):
+        raise ValueError(f"split={cfg.split!r}: choose test (the CV's held-out split) or all (every image).")
+    paths = [Path(p).expanduser() for p in cfg.ckpt_paths] if cfg.ckpt_paths else member_checkpoints(cfg.runs)
+    device = torch.device(
+        cfg.device if cfg.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
+    )
+    overrides = OmegaConf.to_container(cfg.data, resolve=True)
+    oof_parts, members, modules = [], [], []
+    for k, path in enumerate(paths):
+        ckpt = read_checkpoint(path)
+        module = load_module(ckpt, device)
+        modules.append(module)
+        log.info("member %d/%d: %s", k + 1, len(paths), path)
+        for split, sink in (("val", oof_parts), (cfg.split, members)):
+            if split == "val" and not cfg.tune:
+                continue
+            datamodule = datamodule_from_checkpoint(ckpt, overrides, split, out / f"member_{k}")
+            datamodule.prepare_data()
+            datamodule.setup("test")
+            sink.append(predict(module, datamodule.dataloader(split), cfg.tta, device))
+    score_weights = modules[0].score_weights
+    report: dict = {"members": [str(p) for p in paths], "split": cfg.split, "tta": cfg.tta}
+    if cfg.tune:
+        oof = concat(oof_parts)
+        if len(set(oof.ids)) != len(oof.ids):
+            raise ValueError("members' validation folds overlap: pass the folds of one CV run.")
+        threshold, postprocess, grid = tune(oof, cfg.grid)
+        grid.to_csv(out / "oof_grid.csv", index=False)
+        report["oof"] = {
+            "n_images": len(oof.ids),
+            "raw": score(oof, 0.5, PostProcess(), score_weights)[0],
+            "tuned": score(oof, threshold, postprocess, score_weights)[0],
+            "all_image_dice": float(grid["all_image_dice"].max()),
+        }
+    else:
+        threshold = float(cfg.threshold if cfg.threshold is not None else modules[0].hparams.threshold)
+        postprocess = modules[0].postprocess
+    report["chosen"] = {"threshold": threshold, **asdict(postprocess)}
+    member_scores = [score(m, threshold, postprocess, score_weights)[0] for m in members]
+    combined = average(members)
+    values, outputs = score(combined, threshold, postprocess, score_weights)
+    report[cfg.split] = values
+    frame = pd.DataFrame(member_scores).reindex(columns=list(MEMBER_KEYS))
+    report["member_mean"], report["member_std"] = frame.mean().to_dict(), frame.std(ddof=1).to_dict()
+    report["member_metrics"] = member_scores
+    report["n_images"] = len(combined.ids)
+    per_image_table(outputs).to_csv(out / "per_image.csv", index=False)
+    write_json(out / "metrics.json", report)
+    write_json(out / "run_info.json", run_info())
+    shown = {
+        "ensemble": {k: values.get(k) for k in MEMBER_KEYS},
+        "members (mean)": report["member_mean"],
+        "members (std)": report["member_std"],
+    }
+    print_metrics(shown, title=f"{len(paths)}-member ensemble on {cfg.split} ({report['chosen']})")
+    log.info("Ensemble evaluation written to %s", out)
+    return report
+
+
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="ensemble")
+def main(cfg: DictConfig) -> None:
+    ensemble(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,114 @@
+"""Fold-model ensembles: members from a CV run, post-processing chosen out of fold, and the same numbers as
+busi_mtl.evaluate for a single member."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from omegaconf import OmegaConf, open_dict
+
+from busi_mtl.ensemble import Predictions, average, ensemble, member_checkpoints, tune
+from busi_mtl.evaluate import evaluate
+
+from conftest import TINY_TRAIN, compose_config
+
+
+@pytest.fixture(scope="module")
+def cv_sweep(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny 2-fold CV laid out as a multirun: sweep/0 and sweep/1 on the same synthetic set."""
+    from busi_mtl.train import train
+
+    workdir = tmp_path_factory.mktemp("cv")
+    for fold in (0, 1):
+        overrides = [*TINY_TRAIN, "data.num_folds=2", f"data.fold={fold}", "postprocess.normal_gate=0.5"]
+        cfg = compose_config("train", overrides, workdir)
+        with open_dict(cfg):
+            cfg.paths.output_dir = str(workdir / "sweep" / str(fold))
+        train(cfg)
+    return workdir / "sweep"
+
+
+def _ensemble(tmp_path: Path, *overrides: str) -> tuple[dict, Path]:
+    cfg = compose_config("ensemble", ["device=cpu", *overrides], tmp_path)
+    return ensemble(cfg), tmp_path / "run"
+
+
+def test_cv_ensemble_tunes_out_of_fold_and_reports_the_test_split(cv_sweep, tmp_path):
+    report, out = _ensemble(tmp_path, f"runs={cv_sweep}")
+    split = pd.read_csv(cv_sweep / "0" / "split.csv")
+    assert report["oof"]["n_images"] == (split["split"] != "test").sum()  # every non-test image once
+    assert len(report["members"]) == 2 and len(report["member_metrics"]) == 2
+    table = pd.read_csv(out / "per_image.csv")
+    assert sorted(table["id"]) == sorted(split.loc[split["split"] == "test", "id"])
+    grid = pd.read_csv(out / "oof_grid.csv")
+    defaults = OmegaConf.load(Path(__file__).parents[1] / "conf" / "ensemble.yaml").grid
+    assert len(grid) == len(defaults.threshold) * len(defaults.normal_gate) * len(defaults.min_area) * len(
+        defaults.max_components
+    )
+    assert report["oof"]["all_image_dice"] == pytest.approx(grid["all_image_dice"].max())
+    assert report["chosen"]["threshold"] in defaults.threshold
+    for key in ("dice", "f1", "auroc", "pp_dice", "pp_normal_empty_rate"):
+        assert key in report["test"], key
+    assert json.loads((out / "metrics.json").read_text())["chosen"] == report["chosen"]
+
+
+def test_one_member_without_tta_matches_evaluate(cv_sweep, tmp_path):
+    best = member_checkpoints(cv_sweep)[0]
+    report, _ = _ensemble(tmp_path / "ens", f"ckpt_paths=[{best}]", "tta=false", "tune=false")
+    single = evaluate(
+        compose_config("eval", ["trainer.accelerator=cpu", f"ckpt_path={best}"], tmp_path / "ev")
+    )
+    assert report["chosen"]["normal_gate"] == 0.5  # the checkpoint's own post-processing
+    for key in ("dice", "iou", "f1", "acc", "auroc", "normal_empty_rate", "pp_dice", "pp_normal_empty_rate"):
+        assert report["test"][key] == pytest.approx(single["test"][key], abs=1e-5, nan_ok=True), key
+
+
+def _predictions(ids: list[str], lesion: torch.Tensor, class_probs: torch.Tensor, truth: torch.Tensor):
+    return Predictions(ids, torch.tensor([0, 1])[: len(ids)], class_probs, lesion, truth)
+
+
+def test_tune_picks_the_setting_that_removes_specks():
+    truth = torch.zeros(2, 20, 20, dtype=torch.bool)
+    truth[1, 5:15, 5:15] = True  # image 0: normal, image 1: a lesion
+    lesion = torch.zeros(2, 20, 20)
+    lesion[1, 5:15, 5:15] = 0.9
+    lesion[:, 0:2, 0:2] = 0.55  # a faint speck on both images
+    probs = torch.tensor([[0.8, 0.1, 0.1], [0.1, 0.8, 0.1]])
+    grid = OmegaConf.create(
+        {"threshold": [0.5, 0.6], "normal_gate": [None], "min_area": [0.0], "max_components": [None]}
+    )
+    threshold, postprocess, table = tune(_predictions(["n", "b"], lesion, probs, truth), grid)
+    assert threshold == 0.6 and not postprocess.enabled
+    assert table["all_image_dice"].max() == pytest.approx(1.0)
+    # at threshold 0.5, gating the confident normal empties its speck
+    grid = OmegaConf.create(
+        {"threshold": [0.5], "normal_gate": [None, 0.7], "min_area": [0.0], "max_components": [None]}
+    )
+    assert tune(_predictions(["n", "b"], lesion, probs, truth), grid)[1].normal_gate == 0.7
+
+
+def test_average_aligns_members_by_image_id():
+    truth = torch.zeros(2, 4, 4, dtype=torch.bool)
+    a = _predictions(["x", "y"], torch.zeros(2, 4, 4), torch.tensor([[1.0, 0, 0], [0, 1.0, 0]]), truth)
+    b = Predictions(
+        ["y", "x"],
+        torch.tensor([1, 0]),
+        torch.tensor([[0, 0, 1.0], [0, 1.0, 0]]),
+        torch.stack([torch.ones(4, 4), torch.zeros(4, 4)]),
+        truth,
+    )
+    mean = average([a, b])
+    assert torch.allclose(mean.class_probs, torch.tensor([[0.5, 0.5, 0], [0, 0.5, 0.5]]))
+    assert mean.lesion_probs[0].max() == 0 and mean.lesion_probs[1].min() == 0.5
+    with pytest.raises(ValueError, match="different images"):
+        average([a, _predictions(["x", "z"], a.lesion_probs, a.class_probs, truth)])
+
+
+def test_runs_without_finished_jobs_is_a_clear_error(tmp_path):
+    (tmp_path / "sweep" / "0").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match="no finished jobs"):
+        member_checkpoints(tmp_path / "sweep")
