@@ -14,7 +14,8 @@
 Writes to the run directory: ``metrics.json`` (the chosen settings; the ensemble's metrics raw and
 post-processed; every member's metrics under the same settings, and their mean and std, so that the gain of
 ensembling shows apart from the gain of post-processing; the OOF figures), ``oof_grid.csv`` (the objective
-for every setting tried) and ``per_image.csv`` (the ensemble's per-image results).
+for every setting tried), ``oof_per_image.csv`` (the out-of-fold per-image results under the chosen
+settings) and ``per_image.csv`` (the ensemble's per-image results).
 Members must share the image size and the test split (folds of one CV run do).
 """
 
@@ -42,7 +43,17 @@ from busi_mtl.utils.run import print_metrics, run_info, task_wrapper, write_json
 log = logging.getLogger(__name__)
 
 #: Metrics shown for the members' mean and std (the ensemble's metrics.json holds all of them).
-MEMBER_KEYS = ("dice", "iou", "normal_empty_rate", "f1", "acc", "auroc", "pp_dice", "pp_normal_empty_rate")
+MEMBER_KEYS = (
+    "dice",
+    "iou",
+    "normal_empty_rate",
+    "f1",
+    "acc",
+    "auroc",
+    "pp_dice",
+    "pp_iou",
+    "pp_normal_empty_rate",
+)
 
 
 @dataclass
@@ -218,10 +229,12 @@ def ensemble(cfg: DictConfig) -> dict:
             raise ValueError("members' validation folds overlap: pass the folds of one CV run.")
         threshold, postprocess, grid = tune(oof, cfg.grid)
         grid.to_csv(out / "oof_grid.csv", index=False)
+        tuned, oof_outputs = score(oof, threshold, postprocess, score_weights)
+        per_image_table(oof_outputs).to_csv(out / "oof_per_image.csv", index=False)
         report["oof"] = {
             "n_images": len(oof.ids),
             "raw": score(oof, 0.5, PostProcess(), score_weights)[0],
-            "tuned": score(oof, threshold, postprocess, score_weights)[0],
+            "tuned": tuned,
             "all_image_dice": float(grid["all_image_dice"].max()),
         }
     else:
