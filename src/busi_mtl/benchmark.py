@@ -38,6 +38,7 @@ from busi_mtl.data.synthetic import generate_busi
 from busi_mtl.losses import MultiTaskLoss
 from busi_mtl.models.factory import build_model
 from busi_mtl.models.module import MultiTaskModule
+from busi_mtl.utils.run import resolve_device
 
 AMP_DTYPES = {"16-mixed": torch.float16, "bf16-mixed": torch.bfloat16}
 
@@ -234,9 +235,7 @@ def bench_inference(net_cfg: dict, device: torch.device, args) -> dict:
 
 
 def run(args: argparse.Namespace) -> dict:
-    device = torch.device(
-        args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    )
+    device = resolve_device(args.device)
     net_cfg = {"arch": args.arch, "encoder_name": args.encoder, "decoder_channels": args.decoder_channels}
     flops = model_flops(build_model(**net_cfg).to(device), args.image_size, device)
     data = RandomBatches(args.warmup + args.steps, args.batch_size, args.image_size)

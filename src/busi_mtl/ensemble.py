@@ -37,8 +37,9 @@ from busi_mtl.evaluate import aggregate, datamodule_from_checkpoint, per_image_t
 from busi_mtl.metrics import per_image_scores
 from busi_mtl.models.module import MultiTaskModule, load_module, read_checkpoint
 from busi_mtl.postprocess import PostProcess
+from busi_mtl.summarize import job_dirs
 from busi_mtl.utils.paths import CONFIG_DIR
-from busi_mtl.utils.run import print_metrics, run_info, task_wrapper, write_json
+from busi_mtl.utils.run import print_metrics, resolve_device, run_info, task_wrapper, write_json
 
 log = logging.getLogger(__name__)
 
@@ -80,14 +81,11 @@ class Predictions:
 
 
 def member_checkpoints(runs: str | Path) -> list[Path]:
-    """The best checkpoint of every finished job (numbered sub-directory) of a multirun, in job order."""
+    """The best checkpoint of every finished job (one with metrics.json) of a multirun, in job order."""
     sweep = Path(runs).expanduser()
-    jobs = sorted((d for d in sweep.iterdir() if d.is_dir() and d.name.isdigit()), key=lambda d: int(d.name))
-    found = [d / "metrics.json" for d in jobs if (d / "metrics.json").is_file()]
+    found = [d / "metrics.json" for d in job_dirs(sweep) if (d / "metrics.json").is_file()]
     if not found:
-        raise FileNotFoundError(
-            f"runs={sweep}: no finished jobs (numbered sub-directories with metrics.json)."
-        )
+        raise FileNotFoundError(f"runs={sweep}: no finished jobs (job directories with metrics.json).")
     return [Path(json.loads(f.read_text())["best_ckpt"]) for f in found]
 
 
@@ -96,13 +94,7 @@ def predict(module: MultiTaskModule, loader, tta: bool, device: torch.device) ->
     """Lesion and class probabilities; with ``tta`` averaged with those of the horizontally flipped image."""
     ids, labels, class_probs, lesion_probs, masks = [], [], [], [], []
     for batch in loader:
-        images = batch["image"].to(device)
-        mask_logits, class_logits = module(images)
-        lesion, probs = mask_logits.float().sigmoid(), class_logits.float().softmax(1)
-        if tta:
-            flip_logits, flip_class = module(images.flip(-1))
-            lesion = (lesion + flip_logits.float().sigmoid().flip(-1)) / 2
-            probs = (probs + flip_class.float().softmax(1)) / 2
+        lesion, probs = module.probabilities(batch["image"].to(device), tta)
         ids += list(batch["id"])
         labels.append(batch["label"])
         class_probs.append(probs.cpu())
@@ -204,24 +196,29 @@ def ensemble(cfg: DictConfig) -> dict:
     if cfg.split not in ("test", "all"):
         raise ValueError(f"split={cfg.split!r}: choose test (the CV's held-out split) or all (every image).")
     paths = [Path(p).expanduser() for p in cfg.ckpt_paths] if cfg.ckpt_paths else member_checkpoints(cfg.runs)
-    device = torch.device(
-        cfg.device if cfg.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
-    )
+    device = resolve_device(cfg.device)
     overrides = OmegaConf.to_container(cfg.data, resolve=True)
-    oof_parts, members, modules = [], [], []
+    oof_parts, members = [], []
     for k, path in enumerate(paths):
         ckpt = read_checkpoint(path)
         module = load_module(ckpt, device)
-        modules.append(module)
+        if k == 0:  # the first member's score weights, threshold and post-processing are used
+            lead = module
         log.info("member %d/%d: %s", k + 1, len(paths), path)
-        for split, sink in (("val", oof_parts), (cfg.split, members)):
-            if split == "val" and not cfg.tune:
-                continue
-            datamodule = datamodule_from_checkpoint(ckpt, overrides, split, out / f"member_{k}")
-            datamodule.prepare_data()
-            datamodule.setup("test")
-            sink.append(predict(module, datamodule.dataloader(split), cfg.tta, device))
-    score_weights = modules[0].score_weights
+        member_out = out / f"member_{k}"
+        # the run's own split holds both its validation fold and the test split; "all" needs no split
+        run_data = None
+        if cfg.tune or cfg.split == "test":
+            run_data = datamodule_from_checkpoint(ckpt, overrides, "test", member_out)
+        if cfg.tune:
+            oof_parts.append(predict(module, run_data.dataloader("val"), cfg.tta, device))
+        data = (
+            run_data
+            if cfg.split == "test"
+            else datamodule_from_checkpoint(ckpt, overrides, "all", member_out)
+        )
+        members.append(predict(module, data.dataloader(cfg.split), cfg.tta, device))
+    score_weights = lead.score_weights
     report: dict = {"members": [str(p) for p in paths], "split": cfg.split, "tta": cfg.tta}
     if cfg.tune:
         oof = concat(oof_parts)
@@ -238,8 +235,8 @@ def ensemble(cfg: DictConfig) -> dict:
             "all_image_dice": float(grid["all_image_dice"].max()),
         }
     else:
-        threshold = float(cfg.threshold if cfg.threshold is not None else modules[0].hparams.threshold)
-        postprocess = modules[0].postprocess
+        threshold = float(cfg.threshold if cfg.threshold is not None else lead.hparams.threshold)
+        postprocess = lead.postprocess
     report["chosen"] = {"threshold": threshold, **asdict(postprocess)}
     member_scores = [score(m, threshold, postprocess, score_weights)[0] for m in members]
     combined = average(members)

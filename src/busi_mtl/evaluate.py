@@ -39,7 +39,8 @@ log = logging.getLogger(__name__)
 
 
 def datamodule_from_checkpoint(ckpt: dict, overrides: dict, split: str, output_dir: Path) -> BUSIDataModule:
-    """The checkpoint's own data settings, with where-and-how-split overrides; no augmentation.
+    """The checkpoint's own data settings, with where-and-how-split overrides; no augmentation; set up,
+    so that every split's dataloader is ready.
 
     Unless ``data.split_file`` is given, the training run's saved ``split.csv`` is reused when it is still
     there, so the test set is exactly the one the run held out (and a changed dataset is an error).
@@ -54,7 +55,10 @@ def datamodule_from_checkpoint(ckpt: dict, overrides: dict, split: str, output_d
     if split == "all":  # no split is made: every image is evaluated
         hparams.update(split_file=None, val_fraction=0.0, test_fraction=0.0, num_folds=None)
     hparams.update(augment=False, balanced_sampler=False, output_dir=str(output_dir))
-    return BUSIDataModule(**hparams)
+    datamodule = BUSIDataModule(**hparams)
+    datamodule.prepare_data()
+    datamodule.setup("test")
+    return datamodule
 
 
 def per_image_table(outputs: list[dict]) -> pd.DataFrame:
@@ -169,8 +173,6 @@ def evaluate(cfg: DictConfig) -> dict:
         module.postprocess = PostProcess(**{**asdict(module.postprocess), **overrides_pp})
     overrides = OmegaConf.to_container(cfg.data, resolve=True)
     datamodule = datamodule_from_checkpoint(ckpt, overrides, cfg.split, out)
-    datamodule.prepare_data()
-    datamodule.setup("test")
     trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, logger=False, callbacks=[RichProgressBar()])
     outputs = trainer.predict(module, dataloaders=datamodule.dataloader(cfg.split))
 

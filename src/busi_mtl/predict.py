@@ -28,7 +28,7 @@ from busi_mtl.data.busi import MASK_RE, to_gray
 from busi_mtl.data.transforms import Preprocessing, preprocess_image, restore_size
 from busi_mtl.models.module import MultiTaskModule, load_module, read_checkpoint
 from busi_mtl.utils.paths import CONFIG_DIR
-from busi_mtl.utils.run import task_wrapper
+from busi_mtl.utils.run import resolve_device, task_wrapper
 from busi_mtl.visualize import draw_overlay
 
 log = logging.getLogger(__name__)
@@ -115,13 +115,12 @@ class Predictor:
     def from_checkpoint(
         cls, ckpt_path: str | Path, device: str = "auto", tta: bool = False, threshold: float | None = None
     ) -> Predictor:
-        device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
         ckpt = read_checkpoint(ckpt_path)
         if "datamodule_hyper_parameters" not in ckpt:
             raise ValueError(
                 f"{ckpt_path}: no preprocessing settings inside; was it written by busi_mtl.train?"
             )
-        module = load_module(ckpt, map_location=device)
+        module = load_module(ckpt, map_location=resolve_device(device))
         preprocessing = Preprocessing.from_hparams(ckpt["datamodule_hyper_parameters"])
         return cls(module, preprocessing, module.hparams.threshold if threshold is None else threshold, tta)
 
@@ -139,13 +138,8 @@ class Predictor:
         """Lesion probability maps at each image's own size, and class probabilities (N, 3)."""
         batch = np.stack([preprocess_image(im, self.preprocessing) for im in images])
         x = torch.from_numpy(batch).to(self.module.device).float().div_(255).unsqueeze(1)
-        mask_logits, class_logits = self.module(x)
-        probs, classes = mask_logits.sigmoid(), class_logits.float().softmax(1)
-        if self.tta:  # horizontal-flip averaging, the one flip valid for B-mode scans
-            flip_masks, flip_logits = self.module(x.flip(-1))
-            probs = (probs + flip_masks.sigmoid().flip(-1)) / 2
-            classes = (classes + flip_logits.float().softmax(1)) / 2
-        small = probs[:, 0].float().cpu().numpy()
+        probs, classes = self.module.probabilities(x, self.tta)
+        small = probs[:, 0].cpu().numpy()
         full = [
             restore_size(p, *im.shape[:2], self.preprocessing.keep_aspect)
             for p, im in zip(small, images, strict=True)

@@ -73,19 +73,23 @@ def read_job(job: Path) -> dict:
     return row
 
 
-def collect_runs(sweep_dir: str | Path) -> pd.DataFrame:
-    """Every job of a multirun (numbered sub-directories), in job order."""
-    sweep_dir = Path(sweep_dir)
+def job_dirs(sweep_dir: str | Path) -> list[Path]:
+    """The job directories of a multirun (those with .hydra/ or metrics.json), in job order."""
     jobs = [
         d
-        for d in sweep_dir.iterdir()
+        for d in Path(sweep_dir).iterdir()
         if d.is_dir()
         and not d.name.startswith(".")
         and ((d / ".hydra").is_dir() or (d / "metrics.json").is_file())
     ]
+    return sorted(jobs, key=lambda d: (int(d.name) if d.name.isdigit() else float("inf"), d.name))
+
+
+def collect_runs(sweep_dir: str | Path) -> pd.DataFrame:
+    """Every job of a multirun (numbered sub-directories), in job order."""
+    jobs = job_dirs(sweep_dir)
     if not jobs:
         raise FileNotFoundError(f"{sweep_dir}: no job directories (with .hydra/ or metrics.json) inside.")
-    jobs.sort(key=lambda d: (int(d.name) if d.name.isdigit() else float("inf"), d.name))
     return pd.DataFrame([read_job(d) for d in jobs])
 
 

@@ -84,6 +84,17 @@ class MultiTaskModule(pl.LightningModule):
             images = images.contiguous(memory_format=torch.channels_last)
         return self._forward[0](images)
 
+    def probabilities(self, images: torch.Tensor, tta: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Lesion (B, 1, H, W) and class (B, C) probabilities; with ``tta`` averaged with those of the
+        horizontally flipped image (the one flip valid for B-mode scans)."""
+        mask_logits, class_logits = self(images)
+        lesion, classes = mask_logits.float().sigmoid(), class_logits.float().softmax(1)
+        if tta:
+            flip_masks, flip_classes = self(images.flip(-1))
+            lesion = (lesion + flip_masks.float().sigmoid().flip(-1)) / 2
+            classes = (classes + flip_classes.float().softmax(1)) / 2
+        return lesion, classes
+
     def setup(self, stage: str) -> None:
         """Take the train split's class weights and intensity statistics from the datamodule."""
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None

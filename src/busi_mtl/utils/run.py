@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import hydra
+import torch
 from lightning_utilities.core.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning import Callback
@@ -83,10 +84,13 @@ def git_commit() -> dict[str, Any]:
     return {"commit": commit, "dirty": bool(dirty)}
 
 
+def resolve_device(name: str) -> torch.device:
+    """``auto`` is the GPU when there is one, else the CPU; anything else is passed to torch."""
+    return torch.device(name if name != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
+
+
 def run_info() -> dict[str, Any]:
     """Package versions, Python, platform, accelerator and git commit: what a number depends on."""
-    import torch
-
     versions = {}
     for name in PACKAGES:
         try:
