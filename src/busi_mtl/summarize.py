@@ -86,7 +86,7 @@ def job_dirs(sweep_dir: str | Path) -> list[Path]:
 
 
 def collect_runs(sweep_dir: str | Path) -> pd.DataFrame:
-    """Every job of a multirun (numbered sub-directories), in job order."""
+    """Every job of a multirun (the directories job_dirs finds), in job order."""
     jobs = job_dirs(sweep_dir)
     if not jobs:
         raise FileNotFoundError(f"{sweep_dir}: no job directories (with .hydra/ or metrics.json) inside.")
