@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 
-from busi_mtl.benchmark import main
+import torch
+
+from busi_mtl.benchmark import default_per_class, main
 
 
 def test_benchmark_reports_all_measurements(tmp_path):
@@ -22,3 +24,8 @@ def test_benchmark_reports_all_measurements(tmp_path):
         "dataloader/raw (target >= 3)",
         "epoch/raw (target >= 0.90)",
     }
+
+
+def test_gpu_default_set_is_large_enough_to_time_throughput():
+    assert default_per_class(torch.device("cpu")) == 30
+    assert default_per_class(torch.device("cuda")) == 300  # 540 train images: 33 batches of 16 per epoch
