@@ -80,6 +80,20 @@ def test_kfold_through_the_datamodule(synthetic_busi, tmp_path):
     assert set().union(*seen_val) == set(range(36)) - test
 
 
+def test_group_duplicates_switch(make_busi, tmp_path, caplog):
+    root = make_busi((4, 5, 5))
+    for suffix in (".png", "_mask.png"):  # benign (2) becomes a copy of benign (1)
+        (root / "benign" / f"benign (2){suffix}").write_bytes(
+            (root / "benign" / f"benign (1){suffix}").read_bytes()
+        )
+    grouped = _datamodule(root, tmp_path, image_size=32).split_table.set_index("id")
+    assert grouped.loc["benign (1)", "group"] == grouped.loc["benign (2)", "group"]
+    assert grouped["group"].nunique() == 13
+    leaky = _datamodule(root, tmp_path, image_size=32, group_duplicates=False).split_table.set_index("id")
+    assert leaky["group"].nunique() == 14
+    assert "inflated" in caplog.text
+
+
 def test_class_weights_and_pixel_statistics_come_from_train_only(synthetic_busi, tmp_path):
     dm = _datamodule(synthetic_busi, tmp_path, val_fraction=0.2, test_fraction=0.2)
     train = dm.datasets["train"]

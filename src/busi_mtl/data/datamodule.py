@@ -152,6 +152,7 @@ class BUSIDataModule(pl.LightningDataModule):
         output_dir: str | None = None,
         hash_size: int = 16,
         dup_threshold: int = 64,
+        group_duplicates: bool = True,
         on_missing_mask: str = "error",
         required_classes: list[str] | None = None,
         augment: bool = True,
@@ -200,7 +201,7 @@ class BUSIDataModule(pl.LightningDataModule):
         if hp.split_file:
             table = read_split_file(hp.split_file, self.manifest)
         else:
-            groups = duplicate_groups(self.arrays.hashes, hp.dup_threshold)
+            groups = self._split_groups()
             table = make_split_table(
                 self.manifest, groups, hp.val_fraction, hp.test_fraction, hp.split_seed, hp.num_folds, hp.fold
             )
@@ -227,6 +228,17 @@ class BUSIDataModule(pl.LightningDataModule):
         self.datasets["all"] = BUSIDataset(self.arrays, np.arange(len(labels)), labels)
         if stage in (None, "fit"):
             self._fit_statistics(train_idx, labels[train_idx])
+
+    def _split_groups(self) -> np.ndarray:
+        """The unit of every split: near-duplicate groups, or (``group_duplicates=false``) single images."""
+        if self.hparams.group_duplicates:
+            return duplicate_groups(self.arrays.hashes, self.hparams.dup_threshold)
+        log.warning(
+            "data.group_duplicates=false: images are split one by one, so copies of one scan can sit in train "
+            "and in val/test and the scores are inflated. Use it only to compare with published figures "
+            "from random image-level splits."
+        )
+        return np.arange(len(self.arrays.hashes))
 
     def _fit_statistics(self, train_idx: np.ndarray, train_labels: np.ndarray) -> None:
         """Class weights and intensity mean/std from the train split only (no peeking at val/test)."""
