@@ -8,6 +8,7 @@ import sys
 
 import cv2
 import numpy as np
+import pandas as pd
 import pytest
 
 from busi_mtl.data.audit import audit_dataset, dhash, duplicate_groups, hamming_matrix, summarize
@@ -68,11 +69,31 @@ def test_audit_flags_each_problem(make_busi):
     assert summary["images"] == 10 and summary["cross_class_groups"] >= 1 and summary["missing_mask"] == 1
 
 
-def test_audit_cli_writes_report(make_busi, tmp_path):
+def test_audit_cli_writes_report_and_checks_a_split_file(make_busi, tmp_path):
     root = make_busi((2, 2, 2))
+    for suffix in (".png", "_mask.png"):  # benign (2) becomes a copy of benign (1)
+        (root / "benign" / f"benign (2){suffix}").write_bytes(
+            (root / "benign" / f"benign (1){suffix}").read_bytes()
+        )
+    ids = [f"{c} ({n})" for c in ("normal", "benign", "malignant") for n in (1, 2)]
+    split = pd.DataFrame(
+        {
+            "id": ids,
+            "class": [i.split()[0] for i in ids],
+            "split": ["train", "test", "train", "test", "val", "train"],
+        }
+    )
+    split.to_csv(tmp_path / "published_split.csv", index=False)
     out = tmp_path / "audit_run"
     result = subprocess.run(
-        [sys.executable, "-m", "busi_mtl.data.audit", f"data.root={root}", f"hydra.run.dir={out}"],
+        [
+            sys.executable,
+            "-m",
+            "busi_mtl.data.audit",
+            f"data.root={root}",
+            f"split_file={tmp_path / 'published_split.csv'}",
+            f"hydra.run.dir={out}",
+        ],
         capture_output=True,
         text=True,
         timeout=300,
@@ -83,6 +104,9 @@ def test_audit_cli_writes_report(make_busi, tmp_path):
     assert summary["per_class"] == {"normal": 2, "benign": 2, "malignant": 2}
     assert (out / "audit.csv").read_text().startswith("id,class")
     assert (out / "duplicates.csv").exists()
+    assert summary["split_leaks_test"] == 1 and summary["split_leaks_val"] == 0
+    leaks = pd.read_csv(out / "split_leaks.csv")
+    assert leaks[["id", "train_copies"]].values.tolist() == [["benign (2)", "benign (1)"]]
 
 
 @pytest.mark.real_data

@@ -89,9 +89,19 @@ def test_group_duplicates_switch(make_busi, tmp_path, caplog):
     grouped = _datamodule(root, tmp_path, image_size=32).split_table.set_index("id")
     assert grouped.loc["benign (1)", "group"] == grouped.loc["benign (2)", "group"]
     assert grouped["group"].nunique() == 13
+    assert "near-duplicate in the train split" not in caplog.text
     leaky = _datamodule(root, tmp_path, image_size=32, group_duplicates=False).split_table.set_index("id")
     assert leaky["group"].nunique() == 14
-    assert "inflated" in caplog.text
+    assert "split one by one" in caplog.text
+    split = grouped.reset_index()
+    split["split"] = "train"
+    split.loc[split["id"] == "benign (2)", "split"] = "test"
+    split.to_csv(tmp_path / "leaky.csv", index=False)
+    _datamodule(root, tmp_path, image_size=32, split_file=str(tmp_path / "leaky.csv"))
+    assert (
+        "1 test image(s) have a near-duplicate in the train split (e.g. benign (2), a copy of benign (1))"
+        in (caplog.text)
+    )
 
 
 def test_class_weights_and_pixel_statistics_come_from_train_only(synthetic_busi, tmp_path):

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from busi_mtl.data.busi import BUSIDataError
-from busi_mtl.data.splits import grouped_split, make_split_table, read_split_file
+from busi_mtl.data.splits import duplicate_leaks, grouped_split, make_split_table, read_split_file
 
 
 @pytest.fixture
@@ -120,3 +120,16 @@ def test_too_small_for_the_fractions_says_what_to_change():
         grouped_split(labels, groups, 0.15, 0.15)
     split, _ = grouped_split(np.repeat([0, 1, 2], 5), np.arange(15), 0.2, 0.2)
     assert (split == "test").sum() == 3
+
+
+def test_duplicate_leaks_lists_val_and_test_images_with_a_copy_in_train():
+    table = pd.DataFrame(
+        {
+            "id": ["a", "b", "c", "d", "e", "f"],
+            "class": ["benign"] * 6,
+            "split": ["train", "test", "val", "train", "test", "val"],
+        }
+    )
+    leaks = duplicate_leaks(table, np.array([0, 0, 0, 1, 2, 2]))  # a-b-c one scan, e-f another
+    assert leaks[["id", "split", "train_copies"]].values.tolist() == [["b", "test", "a"], ["c", "val", "a"]]
+    assert duplicate_leaks(table, np.arange(6)).empty

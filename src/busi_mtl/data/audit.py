@@ -3,6 +3,8 @@
 ``python -m busi_mtl.data.audit data.root=...`` writes ``audit.csv`` (one row per image, one column per
 check), ``duplicates.csv`` (the near-duplicate groups) and ``audit_summary.json`` to the run directory and
 prints a summary. The same near-duplicate groups are what :mod:`busi_mtl.data.splits` keeps together.
+With ``split_file=<split CSV>`` (columns id, class, split: one of this project's or a published one) it
+also writes ``split_leaks.csv``, the val/test images with a near-duplicate in train.
 
 Near-duplicates are found with a difference hash (dHash): the image shrunk to ``hash_size x (hash_size+1)``
 and one bit per horizontally adjacent pair (left brighter than right?). Re-crops, adjacent frames of one
@@ -29,6 +31,7 @@ from sklearn.metrics import pairwise_distances
 
 from busi_mtl.data import CLASSES, NORMAL
 from busi_mtl.data.busi import load_image, load_mask, scan_busi
+from busi_mtl.data.splits import duplicate_leaks, read_split_file, warn_leaks
 from busi_mtl.utils.paths import CONFIG_DIR
 
 log = logging.getLogger(__name__)
@@ -157,6 +160,14 @@ def main(cfg: DictConfig) -> dict:
     summary = summarize(report, groups)
     report.to_csv(out / "audit.csv", index=False)
     groups.to_csv(out / "duplicates.csv", index=False)
+    if cfg.get("split_file"):
+        table = read_split_file(cfg.split_file, scan_busi(cfg.data.root, on_missing_mask="keep"))
+        leaks = duplicate_leaks(table, report.set_index("id").loc[table["id"], "dup_group"].to_numpy())
+        leaks.to_csv(out / "split_leaks.csv", index=False)
+        summary.update(
+            {f"split_leaks_{name}": int((leaks["split"] == name).sum()) for name in ("val", "test")}
+        )
+        warn_leaks(leaks, f"split_file={cfg.split_file}")
     (out / "audit_summary.json").write_text(json.dumps(summary, indent=2))
     print_summary(summary, groups)
     log.info("Audit written to %s", out)

@@ -24,7 +24,14 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from busi_mtl.data import CLASSES
 from busi_mtl.data.audit import duplicate_groups
 from busi_mtl.data.busi import BUSIDataError, scan_busi
-from busi_mtl.data.splits import SPLITS, log_split, make_split_table, read_split_file
+from busi_mtl.data.splits import (
+    SPLITS,
+    duplicate_leaks,
+    log_split,
+    make_split_table,
+    read_split_file,
+    warn_leaks,
+)
 from busi_mtl.data.synthetic import generate_busi
 from busi_mtl.data.transforms import CachedArrays, Preprocessing, build_cache, train_augmentation
 
@@ -198,14 +205,18 @@ class BUSIDataModule(pl.LightningDataModule):
             return
         hp = self.hparams
         self._load_arrays()
+        dup_groups = duplicate_groups(self.arrays.hashes, hp.dup_threshold)
         if hp.split_file:
             table = read_split_file(hp.split_file, self.manifest)
+            source = f"data.split_file={hp.split_file}"
         else:
-            groups = self._split_groups()
+            groups = dup_groups if hp.group_duplicates else self._ungrouped()
             table = make_split_table(
                 self.manifest, groups, hp.val_fraction, hp.test_fraction, hp.split_seed, hp.num_folds, hp.fold
             )
+            source = f"data.group_duplicates={hp.group_duplicates}"
         log_split(table)
+        warn_leaks(duplicate_leaks(table, dup_groups), source)
         if hp.output_dir:
             Path(hp.output_dir).mkdir(parents=True, exist_ok=True)
             table.to_csv(Path(hp.output_dir) / "split.csv", index=False)
@@ -229,10 +240,8 @@ class BUSIDataModule(pl.LightningDataModule):
         if stage in (None, "fit"):
             self._fit_statistics(train_idx, labels[train_idx])
 
-    def _split_groups(self) -> np.ndarray:
-        """The unit of every split: near-duplicate groups, or (``group_duplicates=false``) single images."""
-        if self.hparams.group_duplicates:
-            return duplicate_groups(self.arrays.hashes, self.hparams.dup_threshold)
+    def _ungrouped(self) -> np.ndarray:
+        """One group per image (``data.group_duplicates=false``): the published random image-level splits."""
         log.warning(
             "data.group_duplicates=false: images are split one by one, so copies of one scan can sit in train "
             "and in val/test and the scores are inflated. Use it only to compare with published figures "

@@ -155,6 +155,35 @@ def read_split_file(path: str | Path, manifest: pd.DataFrame) -> pd.DataFrame:
     return merged[SPLIT_COLUMNS]
 
 
+def duplicate_leaks(table: pd.DataFrame, groups: np.ndarray) -> pd.DataFrame:
+    """The val/test images with a near-duplicate (same ``groups`` id, in the table's row order) in the train
+    split, and those copies.
+
+    Their scores measure recall of a scan already seen in training, so a split with any is inflated; the
+    splits made here have none, a loaded ``data.split_file`` or ``data.group_duplicates=false`` may.
+    """
+    frame = table[["id", "class", "split"]].assign(dup_group=np.asarray(groups))
+    train = frame[frame["split"] == "train"]
+    copies = train.groupby("dup_group")["id"].agg("; ".join)
+    leaks = frame[(frame["split"] != "train") & frame["dup_group"].isin(copies.index)]
+    return leaks.assign(train_copies=leaks["dup_group"].map(copies)).reset_index(drop=True)
+
+
+def warn_leaks(leaks: pd.DataFrame, source: str) -> None:
+    """Log how many val/test images have a copy in train (one example each), if any."""
+    if len(leaks):
+        counts = leaks["split"].value_counts()
+        first = leaks.iloc[0]
+        log.warning(
+            "%s: %s image(s) have a near-duplicate in the train split (e.g. %s, a copy of %s), so their "
+            "scores are inflated; a grouped split (the default) has none.",
+            source,
+            " and ".join(f"{counts[name]} {name}" for name in SPLITS if name in counts),
+            first["id"],
+            first["train_copies"],
+        )
+
+
 def log_split(table: pd.DataFrame) -> None:
     counts = pd.crosstab(table["split"], table["class"]).reindex(SPLITS, fill_value=0)
     for name, row in counts.iterrows():
