@@ -36,6 +36,14 @@ def write_png(path: Path, array: np.ndarray) -> Path:
     return path
 
 
+def copy_case(root: Path, cls: str, source: int, target: int) -> None:
+    """Overwrite case ``target`` of ``cls`` (image and mask) with a byte copy of case ``source``: a duplicate scan."""
+    for suffix in (".png", "_mask.png"):
+        (root / cls / f"{cls} ({target}){suffix}").write_bytes(
+            (root / cls / f"{cls} ({source}){suffix}").read_bytes()
+        )
+
+
 def lesion_image(height: int = 96, width: int = 128, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """A textured gray image with a dark oval lesion, and the lesion's {0,1} mask."""
     rng = np.random.default_rng(seed)

@@ -14,7 +14,7 @@ import pytest
 from busi_mtl.data.audit import audit_dataset, dhash, duplicate_groups, hamming_matrix, summarize
 from busi_mtl.data.synthetic import render_case
 
-from conftest import lesion_image, write_png
+from conftest import copy_case, lesion_image, write_png
 
 
 def test_dhash_tolerates_recompression_and_small_shifts_but_not_other_scans():
@@ -71,10 +71,7 @@ def test_audit_flags_each_problem(make_busi):
 
 def test_audit_cli_writes_report_and_checks_a_split_file(make_busi, tmp_path):
     root = make_busi((2, 2, 2))
-    for suffix in (".png", "_mask.png"):  # benign (2) becomes a copy of benign (1)
-        (root / "benign" / f"benign (2){suffix}").write_bytes(
-            (root / "benign" / f"benign (1){suffix}").read_bytes()
-        )
+    copy_case(root, "benign", 1, 2)  # benign (2) becomes a copy of benign (1)
     ids = [f"{c} ({n})" for c in ("normal", "benign", "malignant") for n in (1, 2)]
     split = pd.DataFrame(
         {

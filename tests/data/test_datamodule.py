@@ -12,6 +12,8 @@ from torch.utils.data import DataLoader
 from busi_mtl.data.datamodule import BUSIDataModule, worker_init
 from busi_mtl.data.synthetic import generate_busi
 
+from conftest import copy_case
+
 
 def _datamodule(root, tmp_path, **kwargs) -> BUSIDataModule:
     defaults = {
@@ -82,10 +84,7 @@ def test_kfold_through_the_datamodule(synthetic_busi, tmp_path):
 
 def test_group_duplicates_switch(make_busi, tmp_path, caplog):
     root = make_busi((4, 5, 5))
-    for suffix in (".png", "_mask.png"):  # benign (2) becomes a copy of benign (1)
-        (root / "benign" / f"benign (2){suffix}").write_bytes(
-            (root / "benign" / f"benign (1){suffix}").read_bytes()
-        )
+    copy_case(root, "benign", 1, 2)  # benign (2) becomes a copy of benign (1)
     grouped = _datamodule(root, tmp_path, image_size=32).split_table.set_index("id")
     assert grouped.loc["benign (1)", "group"] == grouped.loc["benign (2)", "group"]
     assert grouped["group"].nunique() == 13
@@ -98,10 +97,10 @@ def test_group_duplicates_switch(make_busi, tmp_path, caplog):
     split.loc[split["id"] == "benign (2)", "split"] = "test"
     split.to_csv(tmp_path / "leaky.csv", index=False)
     _datamodule(root, tmp_path, image_size=32, split_file=str(tmp_path / "leaky.csv"))
-    assert (
+    expected = (
         "1 test image(s) have a near-duplicate in the train split (e.g. benign (2), a copy of benign (1))"
-        in (caplog.text)
     )
+    assert expected in caplog.text
 
 
 def test_class_weights_and_pixel_statistics_come_from_train_only(synthetic_busi, tmp_path):

@@ -161,8 +161,9 @@ def main(cfg: DictConfig) -> dict:
     report.to_csv(out / "audit.csv", index=False)
     groups.to_csv(out / "duplicates.csv", index=False)
     if cfg.get("split_file"):
-        table = read_split_file(cfg.split_file, scan_busi(cfg.data.root, on_missing_mask="keep"))
-        leaks = duplicate_leaks(table, report.set_index("id").loc[table["id"], "dup_group"].to_numpy())
+        # the report is the manifest (same rows, same order), so its groups line up with the split table's
+        table = read_split_file(cfg.split_file, report.assign(label=report["class"].map(CLASSES.index)))
+        leaks = duplicate_leaks(table, report["dup_group"].to_numpy())
         leaks.to_csv(out / "split_leaks.csv", index=False)
         summary.update(
             {f"split_leaks_{name}": int((leaks["split"] == name).sum()) for name in ("val", "test")}
