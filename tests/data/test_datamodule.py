@@ -95,8 +95,9 @@ def test_group_duplicates_switch(make_busi, tmp_path, caplog):
     split = grouped.reset_index()
     split["split"] = "train"
     split.loc[split["id"] == "benign (2)", "split"] = "test"
-    split.to_csv(tmp_path / "leaky.csv", index=False)
-    _datamodule(root, tmp_path, image_size=32, split_file=str(tmp_path / "leaky.csv"))
+    split[["id", "class", "split"]].to_csv(tmp_path / "leaky.csv", index=False)  # no group column
+    loaded = _datamodule(root, tmp_path, image_size=32, split_file=str(tmp_path / "leaky.csv")).split_table
+    assert loaded.set_index("id")["group"].equals(grouped["group"])  # saved with the audit's groups
     expected = (
         "1 test image(s) have a near-duplicate in the train split (e.g. benign (2), a copy of benign (1))"
     )

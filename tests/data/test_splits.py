@@ -94,6 +94,14 @@ def test_split_file_roundtrip_and_corruption(tmp_path):
     table.to_csv(path, index=False)
     pd.testing.assert_frame_equal(read_split_file(path, manifest), table)
 
+    # a published split without group/fold columns: groups come from the caller, folds are -1
+    table[["id", "class", "split"]].iloc[::-1].to_csv(path, index=False)
+    groups = np.arange(60) // 2
+    loaded = read_split_file(path, manifest, groups)
+    assert loaded["id"].tolist() == manifest["id"].tolist()
+    assert loaded["group"].tolist() == groups.tolist() and (loaded["fold"] == -1).all()
+    assert (read_split_file(path, manifest)["group"] == -1).all()
+
     table.iloc[[0], table.columns.get_loc("id")] = "benign (999)"
     table.to_csv(path, index=False)
     with pytest.raises(BUSIDataError, match=r"1 id\(s\) not in the dataset.*benign \(999\)"):

@@ -207,7 +207,7 @@ class BUSIDataModule(pl.LightningDataModule):
         self._load_arrays()
         dup_groups = duplicate_groups(self.arrays.hashes, hp.dup_threshold)
         if hp.split_file:
-            table = read_split_file(hp.split_file, self.manifest)
+            table = read_split_file(hp.split_file, self.manifest, dup_groups)
             source = f"data.split_file={hp.split_file}"
         else:
             groups = dup_groups if hp.group_duplicates else self._ungrouped()

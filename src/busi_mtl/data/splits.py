@@ -111,8 +111,15 @@ def make_split_table(
     return table
 
 
-def read_split_file(path: str | Path, manifest: pd.DataFrame) -> pd.DataFrame:
-    """Load a saved split and check it describes exactly this dataset (same ids and classes)."""
+def read_split_file(
+    path: str | Path, manifest: pd.DataFrame, groups: np.ndarray | None = None
+) -> pd.DataFrame:
+    """Load a saved split and check it describes exactly this dataset (same ids and classes).
+
+    A file without a ``group`` column (a published split, say) takes ``groups`` (the near-duplicate
+    groups in the manifest's row order) when given, so the saved copy still says which images are one
+    scan; otherwise, and for a missing ``fold`` column, -1.
+    """
     path = Path(path)
     try:
         table = pd.read_csv(path)
@@ -149,9 +156,10 @@ def read_split_file(path: str | Path, manifest: pd.DataFrame) -> pd.DataFrame:
         raise BUSIDataError(
             f"data.split_file={path}: class differs from the dataset for {relabelled['id'].tolist()[:5]}."
         )
-    for column, default in (("group", -1), ("fold", -1)):
-        if column not in merged:
-            merged[column] = default
+    if "group" not in merged:
+        merged["group"] = -1 if groups is None else np.asarray(groups)
+    if "fold" not in merged:
+        merged["fold"] = -1
     return merged[SPLIT_COLUMNS]
 
 
