@@ -11,7 +11,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf, open_dict
 
-from busi_mtl.ensemble import Predictions, average, ensemble, member_checkpoints, tune
+from busi_mtl.ensemble import Predictions, average, ensemble, member_checkpoints, pool, tune
 from busi_mtl.evaluate import evaluate
 
 from conftest import TINY_TRAIN, compose_config
@@ -55,6 +55,19 @@ def test_cv_ensemble_tunes_out_of_fold_and_reports_the_test_split(cv_sweep, tmp_
     for key in ("dice", "f1", "auroc", "pp_dice", "pp_normal_empty_rate"):
         assert key in report["test"], key
     assert json.loads((out / "metrics.json").read_text())["chosen"] == report["chosen"]
+
+
+def test_pooled_cvs_average_out_of_fold_per_image(cv_sweep, tmp_path):
+    """The same CV pooled twice: each image is held out by two identical members, so every choice and
+    figure equals the single CV's, with twice the members."""
+    single, _ = _ensemble(tmp_path / "one", f"runs={cv_sweep}", "tta=false")
+    pooled, _ = _ensemble(tmp_path / "two", f"runs=[{cv_sweep},{cv_sweep}]", "tta=false")
+    assert len(pooled["members"]) == 2 * len(single["members"])
+    assert single["oof"]["members_per_image"] == [1] and pooled["oof"]["members_per_image"] == [2]
+    assert pooled["oof"]["n_images"] == single["oof"]["n_images"]
+    assert pooled["chosen"] == single["chosen"]
+    for key in ("dice", "iou", "f1", "auroc", "pp_dice", "pp_normal_empty_rate"):
+        assert pooled["test"][key] == pytest.approx(single["test"][key], abs=1e-5, nan_ok=True), key
 
 
 def test_one_member_without_tta_matches_evaluate(cv_sweep, tmp_path):
@@ -107,6 +120,24 @@ def test_average_aligns_members_by_image_id():
     assert mean.lesion_probs[0].max() == 0 and mean.lesion_probs[1].min() == 0.5
     with pytest.raises(ValueError, match="different images"):
         average([a, _predictions(["x", "z"], a.lesion_probs, a.class_probs, truth)])
+
+
+def test_pool_means_each_images_predictions_and_refuses_misaligned_masks():
+    truth = torch.zeros(3, 4, 4, dtype=torch.bool)
+    truth[1, :2] = True
+    probs = torch.tensor([[1.0, 0, 0], [0, 1.0, 0], [0, 0, 1.0]])
+    fold_a = Predictions(["x", "y"], torch.tensor([0, 1]), probs[:2], torch.zeros(2, 4, 4), truth[:2])
+    fold_b = Predictions(["z"], torch.tensor([2]), probs[2:], torch.zeros(1, 4, 4), truth[2:])
+    other_cv = Predictions(["y", "z", "x"], torch.tensor([1, 2, 0]), probs[[2, 0, 1]], torch.ones(3, 4, 4),
+                           truth[[1, 2, 0]])  # fmt: skip
+    pooled = pool([fold_a, fold_b, other_cv])
+    assert pooled.ids == ["x", "y", "z"] and pooled.labels.tolist() == [0, 1, 2]
+    assert torch.equal(pooled.true_masks, truth)
+    assert torch.allclose(pooled.class_probs, torch.tensor([[0.5, 0.5, 0], [0, 0.5, 0.5], [0.5, 0, 0.5]]))
+    assert torch.allclose(pooled.lesion_probs, torch.full((3, 4, 4), 0.5))
+    shifted = Predictions(["y"], torch.tensor([1]), probs[1:2], torch.zeros(1, 4, 4), truth[1:2].roll(1, 1))
+    with pytest.raises(ValueError, match="preprocess the images"):
+        pool([fold_a, shifted])
 
 
 def test_runs_without_finished_jobs_is_a_clear_error(tmp_path):

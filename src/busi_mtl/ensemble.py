@@ -3,6 +3,8 @@
 
 1. Every member (each CV job's best checkpoint) predicts its own validation fold. Together these
    out-of-fold (OOF) predictions cover every non-test image once, each by a model that never trained on it.
+   Several CV runs on the same images (``runs=[cv_a,cv_b]``: other seeds or settings) pool into one
+   ensemble: an image's OOF prediction is then the mean over the members that held it out, one per CV.
 2. The lesion threshold and the post-processing (normal gate, min_area, max_components) are chosen on the
    OOF predictions, never on the test split, to maximise per-image Dice over *all* images, where a
    normal image scores 1 when its predicted mask is empty and 0 otherwise: one objective that trades
@@ -16,7 +18,8 @@ post-processed; every member's metrics under the same settings, and their mean a
 ensembling shows apart from the gain of post-processing; the OOF figures), ``oof_grid.csv`` (the objective
 for every setting tried), ``oof_per_image.csv`` (the out-of-fold per-image results under the chosen
 settings) and ``per_image.csv`` (the ensemble's per-image results).
-Members must share the image size and the test split (folds of one CV run do).
+Members must share the image size, the image geometry (``data.keep_aspect``) and the test split (folds of
+one CV run do, and so do CVs that differ only in seed, model, loss or intensity preprocessing).
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+from collections import Counter
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -67,26 +72,18 @@ class Predictions:
     lesion_probs: torch.Tensor  # (N, H, W) sigmoid
     true_masks: torch.Tensor  # (N, H, W) bool
 
-    def reorder(self, ids: list[str]) -> Predictions:
-        if sorted(ids) != sorted(self.ids):
-            raise ValueError("ensemble members predicted different images: do they share the test split?")
-        order = torch.tensor([self.ids.index(i) for i in ids])
-        return Predictions(
-            ids,
-            self.labels[order],
-            self.class_probs[order],
-            self.lesion_probs[order],
-            self.true_masks[order],
-        )
 
-
-def member_checkpoints(runs: str | Path) -> list[Path]:
-    """The best checkpoint of every finished job (one with metrics.json) of a multirun, in job order."""
-    sweep = Path(runs).expanduser()
-    found = [d / "metrics.json" for d in job_dirs(sweep) if (d / "metrics.json").is_file()]
-    if not found:
-        raise FileNotFoundError(f"runs={sweep}: no finished jobs (job directories with metrics.json).")
-    return [Path(json.loads(f.read_text())["best_ckpt"]) for f in found]
+def member_checkpoints(runs: str | Path | Sequence[str | Path]) -> list[Path]:
+    """The best checkpoint of every finished job (one with metrics.json) of a multirun, or of several, in
+    the order given and job order within each."""
+    paths = []
+    for sweep in [runs] if isinstance(runs, (str, Path)) else runs:
+        sweep = Path(sweep).expanduser()
+        found = [d / "metrics.json" for d in job_dirs(sweep) if (d / "metrics.json").is_file()]
+        if not found:
+            raise FileNotFoundError(f"runs={sweep}: no finished jobs (job directories with metrics.json).")
+        paths += [Path(json.loads(f.read_text())["best_ckpt"]) for f in found]
+    return paths
 
 
 @torch.inference_mode()
@@ -105,29 +102,47 @@ def predict(module: MultiTaskModule, loader, tta: bool, device: torch.device) ->
     )
 
 
-def average(members: list[Predictions]) -> Predictions:
-    """Mean of the members' probabilities, image by image (aligned by id)."""
-    first = members[0]
-    aligned = [m.reorder(first.ids) for m in members]
-    return Predictions(
-        first.ids,
-        first.labels,
-        torch.stack([m.class_probs for m in aligned]).mean(0),
-        torch.stack([m.lesion_probs for m in aligned]).mean(0),
-        first.true_masks,
-    )
+def pool(parts: list[Predictions]) -> Predictions:
+    """Several members' predictions as one set, each image once with the mean of its predictions.
 
-
-def concat(parts: list[Predictions]) -> Predictions:
+    On the test split every member predicts every image; out of fold, an image gets the mean over the members
+    that held it out (one per CV when several CVs are pooled), none of which trained on it. Members that
+    disagree on an image's ground truth resize or pad differently, so their maps do not line up: refused.
+    """
     if len({p.lesion_probs.shape[1:] for p in parts}) > 1:
         raise ValueError("ensemble members work at different image sizes; they cannot be combined.")
-    return Predictions(
-        [i for p in parts for i in p.ids],
-        torch.cat([p.labels for p in parts]),
-        torch.cat([p.class_probs for p in parts]),
-        torch.cat([p.lesion_probs for p in parts]),
-        torch.cat([p.true_masks for p in parts]),
-    )
+    ids = list(dict.fromkeys(i for p in parts for i in p.ids))
+    position = {image_id: k for k, image_id in enumerate(ids)}
+    first = parts[0]
+    n = len(ids)
+    class_sum = torch.zeros(n, *first.class_probs.shape[1:])
+    lesion_sum = torch.zeros(n, *first.lesion_probs.shape[1:])
+    counts = torch.zeros(n)
+    labels = torch.zeros(n, dtype=first.labels.dtype)
+    truth = torch.zeros(n, *first.true_masks.shape[1:], dtype=torch.bool)
+    seen = torch.zeros(n, dtype=torch.bool)
+    for part in parts:
+        index = torch.tensor([position[i] for i in part.ids], dtype=torch.long)
+        known = seen[index]
+        if (labels[index][known] != part.labels[known]).any() or (
+            truth[index][known] != part.true_masks[known]
+        ).any():
+            raise ValueError(
+                "ensemble members disagree on an image's label or mask: they preprocess the images "
+                "differently (e.g. data.keep_aspect) and cannot be combined."
+            )
+        class_sum.index_add_(0, index, part.class_probs.float())
+        lesion_sum.index_add_(0, index, part.lesion_probs.float())
+        counts.index_add_(0, index, torch.ones(len(index)))
+        labels[index], truth[index], seen[index] = part.labels, part.true_masks, True
+    return Predictions(ids, labels, class_sum / counts[:, None], lesion_sum / counts[:, None, None], truth)
+
+
+def average(members: list[Predictions]) -> Predictions:
+    """Mean of the members' probabilities, image by image (aligned by id); all predict the same images."""
+    if any(sorted(m.ids) != sorted(members[0].ids) for m in members):
+        raise ValueError("ensemble members predicted different images: do they share the test split?")
+    return pool(members)
 
 
 def all_image_dice(masks: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
@@ -195,7 +210,8 @@ def ensemble(cfg: DictConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     if cfg.split not in ("test", "all"):
         raise ValueError(f"split={cfg.split!r}: choose test (the CV's held-out split) or all (every image).")
-    paths = [Path(p).expanduser() for p in cfg.ckpt_paths] if cfg.ckpt_paths else member_checkpoints(cfg.runs)
+    runs = OmegaConf.to_container(cfg.runs) if OmegaConf.is_list(cfg.runs) else cfg.runs
+    paths = [Path(p).expanduser() for p in cfg.ckpt_paths] if cfg.ckpt_paths else member_checkpoints(runs)
     device = resolve_device(cfg.device)
     overrides = OmegaConf.to_container(cfg.data, resolve=True)
     oof_parts, members = [], []
@@ -221,15 +237,22 @@ def ensemble(cfg: DictConfig) -> dict:
     score_weights = lead.score_weights
     report: dict = {"members": [str(p) for p in paths], "split": cfg.split, "tta": cfg.tta}
     if cfg.tune:
-        oof = concat(oof_parts)
-        if len(set(oof.ids)) != len(oof.ids):
-            raise ValueError("members' validation folds overlap: pass the folds of one CV run.")
+        oof = pool(oof_parts)
+        held_out = Counter(i for part in oof_parts for i in part.ids)
+        if len(set(held_out.values())) > 1:
+            log.warning(
+                "out of fold, some images are predicted by fewer members than others (%d-%d): "
+                "a CV with a failed fold?",
+                min(held_out.values()),
+                max(held_out.values()),
+            )
         threshold, postprocess, grid = tune(oof, cfg.grid)
         grid.to_csv(out / "oof_grid.csv", index=False)
         tuned, oof_outputs = score(oof, threshold, postprocess, score_weights)
         per_image_table(oof_outputs).to_csv(out / "oof_per_image.csv", index=False)
         report["oof"] = {
             "n_images": len(oof.ids),
+            "members_per_image": sorted(set(held_out.values())),
             "raw": score(oof, 0.5, PostProcess(), score_weights)[0],
             "tuned": tuned,
             "all_image_dice": float(grid["all_image_dice"].max()),
