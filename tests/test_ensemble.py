@@ -70,6 +70,24 @@ def test_pooled_cvs_average_out_of_fold_per_image(cv_sweep, tmp_path):
         assert pooled["test"][key] == pytest.approx(single["test"][key], abs=1e-5, nan_ok=True), key
 
 
+def test_members_with_other_score_weights_are_refused(cv_sweep, tmp_path, monkeypatch):
+    import busi_mtl.ensemble as ensemble_module
+
+    loaded = []
+
+    def load_module(ckpt, device):
+        module = real_load(ckpt, device)
+        if loaded:
+            module.score_weights = {"dice": 1.0}
+        loaded.append(module)
+        return module
+
+    real_load = ensemble_module.load_module
+    monkeypatch.setattr(ensemble_module, "load_module", load_module)
+    with pytest.raises(ValueError, match="val/score weights"):
+        _ensemble(tmp_path, f"runs={cv_sweep}", "tta=false")
+
+
 def test_one_member_without_tta_matches_evaluate(cv_sweep, tmp_path):
     best = member_checkpoints(cv_sweep)[0]
     report, _ = _ensemble(tmp_path / "ens", f"ckpt_paths=[{best}]", "tta=false", "tune=false")

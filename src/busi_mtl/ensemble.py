@@ -215,11 +215,17 @@ def ensemble(cfg: DictConfig) -> dict:
     device = resolve_device(cfg.device)
     overrides = OmegaConf.to_container(cfg.data, resolve=True)
     oof_parts, members = [], []
+    lead = None  # the first member: its threshold and post-processing apply with tune=false
     for k, path in enumerate(paths):
         ckpt = read_checkpoint(path)
         module = load_module(ckpt, device)
-        if k == 0:  # the first member's score weights, threshold and post-processing are used
+        if lead is None:
             lead = module
+        elif module.score_weights != lead.score_weights:
+            raise ValueError(
+                f"{path}: val/score weights {module.score_weights} differ from the first member's "
+                f"{lead.score_weights}; the ensemble reports one score, so its members must share them."
+            )
         log.info("member %d/%d: %s", k + 1, len(paths), path)
         member_out = out / f"member_{k}"
         # the run's own split holds both its validation fold and the test split; "all" needs no split
