@@ -146,8 +146,10 @@ def test_pool_means_each_images_predictions_and_refuses_misaligned_masks():
     probs = torch.tensor([[1.0, 0, 0], [0, 1.0, 0], [0, 0, 1.0]])
     fold_a = Predictions(["x", "y"], torch.tensor([0, 1]), probs[:2], torch.zeros(2, 4, 4), truth[:2])
     fold_b = Predictions(["z"], torch.tensor([2]), probs[2:], torch.zeros(1, 4, 4), truth[2:])
-    other_cv = Predictions(["y", "z", "x"], torch.tensor([1, 2, 0]), probs[[2, 0, 1]], torch.ones(3, 4, 4),
-                           truth[[1, 2, 0]])  # fmt: skip
+    order = [1, 2, 0]
+    other_cv = Predictions(
+        ["y", "z", "x"], torch.tensor(order), probs[[2, 0, 1]], torch.ones(3, 4, 4), truth[order]
+    )
     pooled = pool([fold_a, fold_b, other_cv])
     assert pooled.ids == ["x", "y", "z"] and pooled.labels.tolist() == [0, 1, 2]
     assert torch.equal(pooled.true_masks, truth)
