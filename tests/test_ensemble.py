@@ -155,6 +155,8 @@ def test_pool_means_each_images_predictions_and_refuses_misaligned_masks():
     assert torch.equal(pooled.true_masks, truth)
     assert torch.allclose(pooled.class_probs, torch.tensor([[0.5, 0.5, 0], [0, 0.5, 0.5], [0.5, 0, 0.5]]))
     assert torch.allclose(pooled.lesion_probs, torch.full((3, 4, 4), 0.5))
+    assert pooled.n_members.tolist() == [2, 2, 2]
+    assert pool([fold_a, fold_b, fold_a]).n_members.tolist() == [2, 2, 1]  # a CV without its fold 1
     shifted = Predictions(["y"], torch.tensor([1]), probs[1:2], torch.zeros(1, 4, 4), truth[1:2].roll(1, 1))
     with pytest.raises(ValueError, match="preprocess the images"):
         pool([fold_a, shifted])

@@ -27,7 +27,6 @@ from __future__ import annotations
 import itertools
 import json
 import logging
-from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -71,6 +70,7 @@ class Predictions:
     class_probs: torch.Tensor  # (N, C) softmax
     lesion_probs: torch.Tensor  # (N, H, W) sigmoid
     true_masks: torch.Tensor  # (N, H, W) bool
+    n_members: torch.Tensor | None = None  # (N,) members averaged per image; set by pool()
 
 
 def member_checkpoints(runs: str | Path | Sequence[str | Path]) -> list[Path]:
@@ -135,7 +135,9 @@ def pool(parts: list[Predictions]) -> Predictions:
         lesion_sum.index_add_(0, index, part.lesion_probs.float())
         counts.index_add_(0, index, torch.ones(len(index)))
         labels[index], truth[index], seen[index] = part.labels, part.true_masks, True
-    return Predictions(ids, labels, class_sum / counts[:, None], lesion_sum / counts[:, None, None], truth)
+    return Predictions(
+        ids, labels, class_sum / counts[:, None], lesion_sum / counts[:, None, None], truth, counts.long()
+    )
 
 
 def average(members: list[Predictions]) -> Predictions:
@@ -244,13 +246,13 @@ def ensemble(cfg: DictConfig) -> dict:
     report: dict = {"members": [str(p) for p in paths], "split": cfg.split, "tta": cfg.tta}
     if cfg.tune:
         oof = pool(oof_parts)
-        held_out = Counter(i for part in oof_parts for i in part.ids)
-        if len(set(held_out.values())) > 1:
+        held_out = sorted(set(oof.n_members.tolist()))
+        if len(held_out) > 1:
             log.warning(
                 "out of fold, some images are predicted by fewer members than others (%d-%d): "
                 "a CV with a failed fold?",
-                min(held_out.values()),
-                max(held_out.values()),
+                held_out[0],
+                held_out[-1],
             )
         threshold, postprocess, grid = tune(oof, cfg.grid)
         grid.to_csv(out / "oof_grid.csv", index=False)
@@ -258,7 +260,7 @@ def ensemble(cfg: DictConfig) -> dict:
         per_image_table(oof_outputs).to_csv(out / "oof_per_image.csv", index=False)
         report["oof"] = {
             "n_images": len(oof.ids),
-            "members_per_image": sorted(set(held_out.values())),
+            "members_per_image": held_out,
             "raw": score(oof, 0.5, PostProcess(), score_weights)[0],
             "tuned": tuned,
             "all_image_dice": float(grid["all_image_dice"].max()),
