@@ -100,6 +100,14 @@ def test_gpu_and_cluster_configs_compose(tmp_path):
     assert ddp.trainer.strategy == "ddp" and ddp.trainer.sync_batchnorm
     gpu = compose_config("train", ["trainer=gpu", "trainer.precision=bf16-mixed", "data.root=/x"], tmp_path)
     assert gpu.trainer.accelerator == "gpu" and gpu.trainer.precision == "bf16-mixed"
+    assert gpu.trainer.deterministic == "warn" and ddp.trainer.deterministic == "warn"
+
+
+@pytest.mark.parametrize("trainer", ["default", "cpu", "gpu", "ddp", "ddp_sim"])
+def test_no_trainer_config_autotunes_cudnn_in_deterministic_mode(tmp_path, trainer):
+    """Lightning only warns when both are on, and autotuning may then pick other kernels run to run."""
+    cfg = compose_config("train", [f"trainer={trainer}", "trainer.deterministic=true"], tmp_path)
+    assert cfg.trainer.benchmark is False
 
 
 def test_slurm_launcher_config_composes():
