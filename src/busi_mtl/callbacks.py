@@ -1,11 +1,14 @@
-"""Lightning callbacks: overlay galleries and confusion matrices in TensorBoard; a NaN/inf loss guard."""
+"""Lightning callbacks: overlay galleries and confusion matrices in TensorBoard; a NaN/inf loss guard;
+EMA weights that stay in force when testing the best checkpoint."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.callbacks import EMAWeightAveraging
 from pytorch_lightning.loggers import TensorBoardLogger
+from pytorch_lightning.trainer.states import TrainerFn
 
 from busi_mtl.data import CLASSES
 from busi_mtl.metrics import binarize, collect_stage
@@ -110,3 +113,29 @@ class FiniteLossGuard(pl.Callback):
             )
         self._bad = None
         self._last_good_step = trainer.global_step
+
+
+class EMAWeights(EMAWeightAveraging):
+    """Exponential moving average of the weights (and BatchNorm statistics): validation, checkpoints and
+    testing all use the averaged network, the raw one only trains.
+
+    Lightning's ``EMAWeightAveraging`` keeps its averaged model after ``fit`` and acts on it later: it
+    restores the raw weights (``current_model_state``) from any checkpoint it loads, and swaps the final
+    average in for every validation. So ``trainer.test(ckpt_path="best")`` would score the best epoch's raw
+    network and ``trainer.validate(ckpt_path=...)`` the last epoch's average, neither of them the network
+    that won checkpoint selection. Here both happen only while fitting (resuming a fit included).
+    """
+
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict
+    ) -> None:
+        if trainer.state.fn == TrainerFn.FITTING:
+            super().on_load_checkpoint(trainer, pl_module, checkpoint)
+
+    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.state.fn == TrainerFn.FITTING:
+            super().on_validation_epoch_start(trainer, pl_module)
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.state.fn == TrainerFn.FITTING:
+            super().on_validation_epoch_end(trainer, pl_module)
