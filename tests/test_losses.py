@@ -56,6 +56,31 @@ def test_dice_is_pooled_over_the_batch() -> None:
     assert out["dice"].item() == pytest.approx(1 - 5 / 12, abs=1e-6)
 
 
+def test_per_image_dice_averages_lesion_images_only() -> None:
+    # Image 0: the 1x4 image (loss 0.375). Image 1: a small lesion t = 1,0,0,0 with p = 0.5 everywhere:
+    # Dice = 2*0.5 / (2 + 1) = 1/3 -> loss 2/3. Image 2: normal, p = 0.5 everywhere, left out.
+    logits = torch.cat([MASK_LOGITS, torch.zeros(2, 1, 1, 4)])
+    mask = torch.cat([MASK, torch.tensor([1.0, 0, 0, 0]).reshape(1, 1, 1, 4), torch.zeros(1, 1, 1, 4)])
+    labels = torch.tensor([1, 1, 0])
+    class_logits = torch.zeros(3, 3)
+    out = MultiTaskLoss(dice_reduction="image")(logits, class_logits, mask, labels)
+    assert out["dice"].item() == pytest.approx((DICE + 2 / 3) / 2, abs=1e-6)
+    # Pooled over the batch instead (the normal image's p counts too): 2*(1.25 + 0.5) / (6 + 3).
+    pooled = MultiTaskLoss()(logits, class_logits, mask, labels)
+    assert pooled["dice"].item() == pytest.approx(1 - 3.5 / 9, abs=1e-6)
+
+
+def test_per_image_dice_is_zero_without_lesions_and_keeps_gradients() -> None:
+    logits = torch.full((2, 1, 4, 4), 1.5, requires_grad=True)
+    out = MultiTaskLoss(dice_reduction="image")(
+        logits, CLASS_LOGITS, torch.zeros(2, 1, 4, 4), torch.zeros(2, dtype=torch.long)
+    )
+    assert out["dice"].item() == 0.0
+    out["loss"].backward()
+    assert logits.grad is not None
+    assert (logits.grad > 0).all()  # the pixel term still pushes the false positives down
+
+
 def test_alpha_beta_and_term_weights_compose() -> None:
     loss = MultiTaskLoss(alpha=0.3, beta=0.7, dice_weight=2.0, bce_weight=0.5)
     out = loss(*_batch())
@@ -122,6 +147,8 @@ def test_unknown_options_list_allowed_values() -> None:
         MultiTaskLoss(seg_loss="dice")
     with pytest.raises(ValueError, match=r"fixed.*uncertainty"):
         MultiTaskLoss(weighting="gradnorm")
+    with pytest.raises(ValueError, match=r"loss\.dice_reduction.*batch.*image"):
+        MultiTaskLoss(dice_reduction="sample")
 
 
 def test_uncertainty_weighting_formula_and_gradients() -> None:

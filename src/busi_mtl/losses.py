@@ -8,9 +8,12 @@
     cls   = cross-entropy(class_logits, label)           (class weights, label smoothing)
 
 Dice is smp's soft Dice loss ``1 - 2*sum(p*t) / (sum(p) + sum(t))`` with ``p = sigmoid(logits)``, pooled over
-all pixels of the whole batch (not averaged per image). smp makes it exactly 0 when no image in the batch has a
-lesion pixel, so on a batch of only normal images the pixel-wise BCE/focal term is the only segmentation signal
-pushing predictions towards an empty mask: keep its weight > 0. Focal is smp's binary focal loss
+all pixels of the whole batch (``dice_reduction="batch"``, default). smp makes it exactly 0 when no image in the
+batch has a lesion pixel, so on a batch of only normal images the pixel-wise BCE/focal term is the only
+segmentation signal pushing predictions towards an empty mask: keep its weight > 0.
+``dice_reduction="image"`` takes the same soft Dice loss per image and averages it over the images with a lesion
+(0 when there is none), the per-image lesion Dice the results report: pooled over the batch, a large lesion
+outweighs a small one, per image each lesion counts once. Normal images are left to the pixel-wise term. Focal is smp's binary focal loss
 ``mean((1 - p_t)**gamma * BCE)`` without an alpha balance term.
 
 ``weighting="uncertainty"`` is the homoscedastic uncertainty weighting of Kendall, Gal & Cipolla (CVPR 2018)
@@ -26,7 +29,7 @@ are returned as ``w_seg`` / ``w_cls`` for logging.
 All terms are computed in float32 (logits are cast with ``.float()``), so half-precision logits under AMP are safe.
 """
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +38,19 @@ from torch import Tensor, nn
 
 SEG_LOSSES: tuple[str, ...] = ("dice_bce", "dice_focal")
 WEIGHTINGS: tuple[str, ...] = ("fixed", "uncertainty")
+DICE_REDUCTIONS: tuple[str, ...] = ("batch", "image")
+
+
+def per_image_dice_loss(mask_logits: Tensor, mask: Tensor) -> Tensor:
+    """Mean over the images with a lesion pixel of ``1 - 2*sum(p*t) / (sum(p) + sum(t))``; 0 if there is none."""
+    probs = mask_logits.sigmoid().flatten(1)
+    target = mask.flatten(1)
+    has_lesion = target.sum(1) > 0
+    if not has_lesion.any():
+        return mask_logits.sum() * 0.0  # keeps the graph, as smp's DiceLoss does for an all-empty batch
+    probs, target = probs[has_lesion], target[has_lesion]
+    dice = 2 * (probs * target).sum(1) / (probs.sum(1) + target.sum(1))
+    return (1 - dice).mean()
 
 
 def _require_non_negative(**values: float) -> None:
@@ -64,6 +80,7 @@ class MultiTaskLoss(nn.Module):
         focal_gamma: float = 2.0,
         label_smoothing: float = 0.0,
         weighting: str = "fixed",
+        dice_reduction: str = "batch",
         num_classes: int = 3,
     ) -> None:
         super().__init__()
@@ -71,6 +88,8 @@ class MultiTaskLoss(nn.Module):
             raise ValueError(f"loss.seg_loss must be one of {SEG_LOSSES}, got {seg_loss!r}")
         if weighting not in WEIGHTINGS:
             raise ValueError(f"loss.weighting must be one of {WEIGHTINGS}, got {weighting!r}")
+        if dice_reduction not in DICE_REDUCTIONS:
+            raise ValueError(f"loss.dice_reduction must be one of {DICE_REDUCTIONS}, got {dice_reduction!r}")
         _require_non_negative(
             alpha=alpha,
             beta=beta,
@@ -91,7 +110,9 @@ class MultiTaskLoss(nn.Module):
         self.dice_weight = dice_weight
         self.label_smoothing = label_smoothing
         self.weighting = weighting
-        self.dice = DiceLoss(mode="binary", from_logits=True)
+        self.dice: nn.Module | Callable[[Tensor, Tensor], Tensor] = (
+            DiceLoss(mode="binary", from_logits=True) if dice_reduction == "batch" else per_image_dice_loss
+        )
         # The pixel-wise term is the one that still sees all-normal batches (Dice is 0 there).
         self.pixel_name = "bce" if seg_loss == "dice_bce" else "focal"
         self.pixel_weight = bce_weight if seg_loss == "dice_bce" else focal_weight
