@@ -81,6 +81,15 @@ def test_per_image_dice_is_zero_without_lesions_and_keeps_gradients() -> None:
     assert (logits.grad > 0).all()  # the pixel term still pushes the false positives down
 
 
+def test_smoothed_per_image_dice_counts_normal_images() -> None:
+    # Image 0: the 1x4 image, 1 - (2*1.25 + 1) / (2 + 2 + 1) = 0.3. Image 1: normal, p = 0.5 everywhere:
+    # 1 - 1 / (2 + 1) = 2/3. Image 2: normal, p ~ 0 everywhere: ~0.
+    logits = torch.cat([MASK_LOGITS, torch.zeros(1, 1, 1, 4), torch.full((1, 1, 1, 4), -30.0)])
+    mask = torch.cat([MASK, torch.zeros(2, 1, 1, 4)])
+    out = MultiTaskLoss(dice_reduction="image_all")(logits, torch.zeros(3, 3), mask, torch.tensor([1, 0, 0]))
+    assert out["dice"].item() == pytest.approx((0.3 + 2 / 3 + 0) / 3, abs=1e-6)
+
+
 def test_alpha_beta_and_term_weights_compose() -> None:
     loss = MultiTaskLoss(alpha=0.3, beta=0.7, dice_weight=2.0, bce_weight=0.5)
     out = loss(*_batch())
@@ -147,7 +156,7 @@ def test_unknown_options_list_allowed_values() -> None:
         MultiTaskLoss(seg_loss="dice")
     with pytest.raises(ValueError, match=r"fixed.*uncertainty"):
         MultiTaskLoss(weighting="gradnorm")
-    with pytest.raises(ValueError, match=r"loss\.dice_reduction.*batch.*image"):
+    with pytest.raises(ValueError, match=r"loss\.dice_reduction.*batch.*image.*image_all"):
         MultiTaskLoss(dice_reduction="sample")
 
 

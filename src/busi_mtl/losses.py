@@ -13,8 +13,11 @@ batch has a lesion pixel, so on a batch of only normal images the pixel-wise BCE
 segmentation signal pushing predictions towards an empty mask: keep its weight > 0.
 ``dice_reduction="image"`` takes the same soft Dice loss per image and averages it over the images with a lesion
 (0 when there is none), the per-image lesion Dice the results report: pooled over the batch, a large lesion
-outweighs a small one, per image each lesion counts once. Normal images are left to the pixel-wise term. Focal is smp's binary focal loss
-``mean((1 - p_t)**gamma * BCE)`` without an alpha balance term.
+outweighs a small one, per image each lesion counts once. Normal images are left to the pixel-wise term.
+``dice_reduction="image_all"`` averages over every image ``1 - (2*sum(p*t) + 1) / (sum(p) + sum(t) + 1)``: the
+smoothing of 1 is negligible beside a lesion's pixel count, and a normal image's term is ``sum(p) / (sum(p) + 1)``,
+a soft count of its false-positive pixels that saturates, which is what the normal-empty rate scores.
+Focal is smp's binary focal loss ``mean((1 - p_t)**gamma * BCE)`` without an alpha balance term.
 
 ``weighting="uncertainty"`` is the homoscedastic uncertainty weighting of Kendall, Gal & Cipolla (CVPR 2018)
 with learnable log-variances ``s_seg``, ``s_cls`` (``nn.Parameter``, initialised to 0)::
@@ -38,7 +41,7 @@ from torch import Tensor, nn
 
 SEG_LOSSES: tuple[str, ...] = ("dice_bce", "dice_focal")
 WEIGHTINGS: tuple[str, ...] = ("fixed", "uncertainty")
-DICE_REDUCTIONS: tuple[str, ...] = ("batch", "image")
+DICE_REDUCTIONS: tuple[str, ...] = ("batch", "image", "image_all")
 
 
 def per_image_dice_loss(mask_logits: Tensor, mask: Tensor) -> Tensor:
@@ -50,6 +53,14 @@ def per_image_dice_loss(mask_logits: Tensor, mask: Tensor) -> Tensor:
         return mask_logits.sum() * 0.0  # keeps the graph, as smp's DiceLoss does for an all-empty batch
     probs, target = probs[has_lesion], target[has_lesion]
     dice = 2 * (probs * target).sum(1) / (probs.sum(1) + target.sum(1))
+    return (1 - dice).mean()
+
+
+def smoothed_per_image_dice_loss(mask_logits: Tensor, mask: Tensor) -> Tensor:
+    """Mean over all images of ``1 - (2*sum(p*t) + 1) / (sum(p) + sum(t) + 1)``: normal images count too."""
+    probs = mask_logits.sigmoid().flatten(1)
+    target = mask.flatten(1)
+    dice = (2 * (probs * target).sum(1) + 1) / (probs.sum(1) + target.sum(1) + 1)
     return (1 - dice).mean()
 
 
@@ -110,9 +121,11 @@ class MultiTaskLoss(nn.Module):
         self.dice_weight = dice_weight
         self.label_smoothing = label_smoothing
         self.weighting = weighting
-        self.dice: nn.Module | Callable[[Tensor, Tensor], Tensor] = (
-            DiceLoss(mode="binary", from_logits=True) if dice_reduction == "batch" else per_image_dice_loss
-        )
+        self.dice: nn.Module | Callable[[Tensor, Tensor], Tensor] = {
+            "batch": DiceLoss(mode="binary", from_logits=True),
+            "image": per_image_dice_loss,
+            "image_all": smoothed_per_image_dice_loss,
+        }[dice_reduction]
         # The pixel-wise term is the one that still sees all-normal batches (Dice is 0 there).
         self.pixel_name = "bce" if seg_loss == "dice_bce" else "focal"
         self.pixel_weight = bce_weight if seg_loss == "dice_bce" else focal_weight
