@@ -82,8 +82,8 @@ def check_same_splits(candidate: pd.DataFrame, reference: pd.DataFrame) -> float
         if not ours.equals(theirs):
             raise ValueError(
                 f"Fold {fold}: {candidate.at[fold, 'dir']} and {reference.at[fold, 'dir']} split the images "
-                "differently (split.csv differs: another data.root, seed of the split, n_folds or "
-                "test fraction?); a paired comparison needs the same folds."
+                "differently (split.csv differs: another data.root, data.split_seed, data.num_folds or "
+                "data.test_fraction?); a paired comparison needs the same folds."
             )
         counts = ours.value_counts()
         ratios.append(counts.get("val", 0) / counts.get("train", 1))
