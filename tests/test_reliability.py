@@ -23,7 +23,7 @@ from pytorch_lightning.plugins.environments import SLURMEnvironment
 
 from busi_mtl.data.busi import BUSIDataError
 from busi_mtl.losses import MultiTaskLoss
-from busi_mtl.train import resume_checkpoint, train
+from busi_mtl.train import check_resume, resume_checkpoint, train
 
 from conftest import TINY_TRAIN, compose_config, write_png
 
@@ -108,6 +108,25 @@ def test_sigterm_mid_epoch_records_the_stop_and_resumes(tmp_path):
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["epochs_trained"] == 4 and metrics["test"]["dice"] is not None
     assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 3
+    # finished now, so no longer marked failed; the old failure is kept aside
+    assert not (run_dir / "error.txt").exists()
+    assert "SIGTERM" in (run_dir / "error.previous.txt").read_text()
+
+
+def test_resume_leaves_a_finished_run_alone_and_refuses_another_config(uninterrupted, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(uninterrupted, run_dir)
+    finished = (run_dir / "metrics.json").read_text()
+    last = (run_dir / "checkpoints" / "last.ckpt").stat().st_mtime_ns
+
+    assert train(compose_config("train", [*RUN, "resume=true"], tmp_path)) == json.loads(finished)
+    assert (run_dir / "metrics.json").read_text() == finished  # neither trained nor tested again
+    assert (run_dir / "checkpoints" / "last.ckpt").stat().st_mtime_ns == last
+
+    changed = compose_config("train", [*RUN, "resume=true", "optimizer.lr=0.01", "data.fold=1"], tmp_path)
+    with pytest.raises(ValueError, match=r"another config \(data\.fold: run 0, now 1; optimizer\.lr: run"):
+        train(changed)
+    assert not (run_dir / "error.txt").exists()  # a refused command does not mark the run failed
 
 
 def test_resume_without_checkpoint_starts_fresh_and_explicit_path_works(uninterrupted, tmp_path):
@@ -120,6 +139,16 @@ def test_resume_without_checkpoint_starts_fresh_and_explicit_path_works(uninterr
     assert metrics["epochs_trained"] == 4 and metrics["test"]["dice"] is not None
 
 
+def test_resume_of_a_run_without_a_config_record_warns_that_it_cannot_check(tmp_path, caplog):
+    cfg = compose_config("train", [*RUN, "resume=true"], tmp_path)
+    (tmp_path / "run").mkdir()
+    check_resume(cfg, tmp_path / "run")  # a new run: nothing to check, nothing to say
+    assert not caplog.records
+    (tmp_path / "run" / "metrics.json").write_text("{}")  # a run from before run_config.yaml
+    check_resume(cfg, tmp_path / "run")
+    assert "cannot be checked" in caplog.text
+
+
 def test_same_seed_same_numbers_in_deterministic_mode(tmp_path):
     overrides = [*RUN, "trainer.max_epochs=2"]
     first = train(compose_config("train", overrides, tmp_path / "a"))
@@ -130,7 +159,13 @@ def test_same_seed_same_numbers_in_deterministic_mode(tmp_path):
 
 
 def test_every_run_dir_records_what_it_depends_on(uninterrupted):
-    for name in (".hydra/config.yaml", ".hydra/overrides.yaml", "split.csv", "run_info.json"):
+    for name in (
+        ".hydra/config.yaml",
+        ".hydra/overrides.yaml",
+        "split.csv",
+        "run_info.json",
+        "run_config.yaml",
+    ):
         assert (uninterrupted / name).is_file(), name
     info = json.loads((uninterrupted / "run_info.json").read_text())
     assert {"torch", "pytorch-lightning", "segmentation-models-pytorch"} <= set(info["packages"])

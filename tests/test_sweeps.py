@@ -65,6 +65,24 @@ def test_cross_validation_experiment_runs_every_fold(tmp_path):
     assert runs["data.fold"].tolist() == [0, 1] and (runs["status"] == "finished").all()
 
 
+def test_an_interrupted_multirun_resumes_only_its_unfinished_jobs(tmp_path):
+    sweep_args = ("loss.alpha=0.3,0.7", "trainer.max_epochs=1")
+    assert _train_cli(tmp_path, *sweep_args, multirun=True).returncode == 0
+    sweep = tmp_path / "sweep"
+    done = (sweep / "0" / "metrics.json").read_text()
+    # job 1 failed part-way: no metrics.json, an error.txt
+    (sweep / "1" / "metrics.json").unlink()
+    (sweep / "1" / "error.txt").write_text("Traceback\nRuntimeError: killed\n")
+    assert collect_runs(sweep)["status"].tolist() == ["finished", "failed"]
+
+    result = _train_cli(tmp_path, *sweep_args, "resume=true", multirun=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (sweep / "0" / "metrics.json").read_text() == done  # left alone
+    assert "has finished (metrics.json); not run again" in (sweep / "0" / "train.log").read_text()
+    assert json.loads((sweep / "1" / "metrics.json").read_text())["test"]["dice"] is not None
+    assert collect_runs(sweep)["status"].tolist() == ["finished", "finished"]
+
+
 def test_optuna_study_is_stored_and_resumes(tmp_path):
     study = ["hparams_search=optuna", "hydra.sweeper.sampler.n_startup_trials=1", "trainer.max_epochs=1"]
     first = _train_cli(tmp_path, *study, "hydra.sweeper.n_trials=2", multirun=True)

@@ -4,16 +4,19 @@ Composes ``conf/train.yaml``, instantiates the datamodule, module, callbacks, lo
 then scores the best checkpoint on test and writes ``metrics.json`` to the run directory (with the val
 metrics that checkpoint was chosen for). Returns the monitored value of the best checkpoint so Hydra
 sweepers can optimise it. Safe under DDP: only global rank 0 writes files. ``ckpt_path=...`` or
-``resume=true`` (with ``hydra.run.dir`` set to the run) continues an interrupted run.
+``resume=true`` (with ``hydra.run.dir`` set to the run) continues an interrupted run; ``resume=true`` on a
+multirun (same command, same ``hydra.sweep.dir``) leaves its finished jobs alone and continues the rest.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
 import hydra
 import pytorch_lightning as pl
+from lightning_utilities.core.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.loggers import TensorBoardLogger
 
@@ -31,6 +34,11 @@ from busi_mtl.utils.run import (
 )
 
 log = logging.getLogger(__name__)
+
+#: The run's own config, unresolved, written when it starts: what ``resume=true`` checks against.
+RUN_CONFIG = "run_config.yaml"
+#: Top-level keys a resumed run may change: the resume switches and where files live, not what is trained.
+RESUME_MAY_CHANGE = ("resume", "ckpt_path", "paths")
 
 
 def build_module(cfg: DictConfig) -> MultiTaskModule:
@@ -120,8 +128,69 @@ def check_resumable(ckpt_path: str, module: MultiTaskModule) -> None:
         )
 
 
-@task_wrapper
+def _flatten(node: object, prefix: str = "") -> dict[str, object]:
+    """Nested dicts as one ``{"a.b.c": value}`` dict (lists and empty dicts are values)."""
+    if isinstance(node, dict) and node:
+        return {key: value for k, v in node.items() for key, value in _flatten(v, f"{prefix}{k}.").items()}
+    return {prefix[:-1]: node}
+
+
+def _trained_settings(cfg: DictConfig) -> dict[str, object]:
+    """The config as flat keys, unresolved (so independent of where the run lives), minus
+    :data:`RESUME_MAY_CHANGE`."""
+    plain = OmegaConf.to_container(cfg, resolve=False)
+    return _flatten({k: v for k, v in plain.items() if k not in RESUME_MAY_CHANGE})
+
+
+def check_resume(cfg: DictConfig, out: Path) -> None:
+    """Refuse ``resume=true`` with a config other than the one the run in ``out`` started with, naming the
+    differing keys: continuing a run under new settings would give numbers that belong to neither."""
+    record = out / RUN_CONFIG
+    if not record.is_file():
+        if (out / "metrics.json").is_file() or (out / "checkpoints" / "last.ckpt").is_file():
+            log.warning(
+                "resume=true: %s has no %s (older run), so its config cannot be checked.", out, RUN_CONFIG
+            )
+        return
+    saved, current = _trained_settings(OmegaConf.load(record)), _trained_settings(cfg)
+    differing = sorted(
+        k for k in saved.keys() | current.keys() if saved.get(k, "<unset>") != current.get(k, "<unset>")
+    )
+    if differing:
+        detail = "; ".join(
+            f"{k}: run {saved.get(k, '<unset>')!r}, now {current.get(k, '<unset>')!r}" for k in differing
+        )
+        raise ValueError(
+            f"resume=true: {out} was started with another config ({detail}). Resume with the run's own "
+            f"overrides (see {record}), or pass ckpt_path= to continue from its checkpoint on purpose."
+        )
+
+
+@rank_zero_only
+def _set_aside_previous_failure(out: Path) -> None:
+    """A retried run must not keep the old ``error.txt``, which marks a job as failed in summaries."""
+    error = out / "error.txt"
+    if error.is_file():
+        error.replace(out / "error.previous.txt")
+        log.info("resume=true: retrying after a failure; its error.txt is now error.previous.txt.")
+
+
 def train(cfg: DictConfig) -> dict:
+    """Fit and test (see :func:`fit_and_test`). With ``resume=true`` the config is first checked against
+    the run's own, and a run that has finished (``metrics.json``, no ``error.txt``) is not run again: its
+    metrics are returned, so a resumed multirun continues only its unfinished jobs."""
+    out = Path(cfg.paths.output_dir)
+    if cfg.get("resume"):
+        check_resume(cfg, out)
+        if (out / "metrics.json").is_file() and not (out / "error.txt").is_file():
+            log.info("resume=true: %s has finished (metrics.json); not run again.", out)
+            return json.loads((out / "metrics.json").read_text())
+        _set_aside_previous_failure(out)
+    return fit_and_test(cfg)
+
+
+@task_wrapper
+def fit_and_test(cfg: DictConfig) -> dict:
     """Fit, test the best checkpoint, write ``metrics.json`` (rank 0); returns the metrics."""
     out = Path(cfg.paths.output_dir)
     pl.seed_everything(cfg.seed, workers=True)
@@ -140,6 +209,8 @@ def train(cfg: DictConfig) -> dict:
     if trainer.is_global_zero:
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / "run_info.json", run_info())
+        if not (out / RUN_CONFIG).is_file():  # a resumed run keeps the record of how it started
+            OmegaConf.save(cfg, out / RUN_CONFIG, resolve=False)
     if cfg.train:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
 
