@@ -123,10 +123,19 @@ def test_resume_leaves_a_finished_run_alone_and_refuses_another_config(uninterru
     assert (run_dir / "metrics.json").read_text() == finished  # neither trained nor tested again
     assert (run_dir / "checkpoints" / "last.ckpt").stat().st_mtime_ns == last
 
+    tree = (run_dir / "config_tree.log").read_text()
+    hydra_record = {
+        name: (run_dir / ".hydra" / name).read_text() for name in ("config.yaml", "overrides.yaml")
+    }
+    for name in hydra_record:  # what Hydra writes for the refused command before the run starts
+        (run_dir / ".hydra" / name).write_text("[optimizer.lr=0.01]\n")
     changed = compose_config("train", [*RUN, "resume=true", "optimizer.lr=0.01", "data.fold=1"], tmp_path)
     with pytest.raises(ValueError, match=r"another config \(data\.fold: run 0, now 1; optimizer\.lr: run"):
         train(changed)
     assert not (run_dir / "error.txt").exists()  # a refused command does not mark the run failed
+    assert (run_dir / "config_tree.log").read_text() == tree
+    for name, text in hydra_record.items():  # and its .hydra/ record is the run's own again
+        assert (run_dir / ".hydra" / name).read_text() == text, name
 
 
 def test_resume_without_checkpoint_starts_fresh_and_explicit_path_works(uninterrupted, tmp_path):

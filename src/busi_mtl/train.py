@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import hydra
@@ -37,6 +38,8 @@ log = logging.getLogger(__name__)
 
 #: The run's own config, unresolved, written when it starts: what ``resume=true`` checks against.
 RUN_CONFIG = "run_config.yaml"
+#: The run's own Hydra overrides, kept beside it: Hydra rewrites ``.hydra/`` at every launch.
+RUN_OVERRIDES = "run_overrides.yaml"
 #: Top-level keys a resumed run may change: the resume switches and where files live, not what is trained.
 RESUME_MAY_CHANGE = ("resume", "ckpt_path", "paths")
 
@@ -157,6 +160,7 @@ def check_resume(cfg: DictConfig, out: Path) -> None:
         k for k in saved.keys() | current.keys() if saved.get(k, "<unset>") != current.get(k, "<unset>")
     )
     if differing:
+        _restore_hydra_record(out)
         detail = "; ".join(
             f"{k}: run {saved.get(k, '<unset>')!r}, now {current.get(k, '<unset>')!r}" for k in differing
         )
@@ -164,6 +168,25 @@ def check_resume(cfg: DictConfig, out: Path) -> None:
             f"resume=true: {out} was started with another config ({detail}). Resume with the run's own "
             f"overrides (see {record}), or pass ckpt_path= to continue from its checkpoint on purpose."
         )
+
+
+@rank_zero_only
+def _keep_run_record(cfg: DictConfig, out: Path) -> None:
+    """Write :data:`RUN_CONFIG` and :data:`RUN_OVERRIDES` when a run first starts; a resumed run keeps them."""
+    if (out / RUN_CONFIG).is_file():
+        return
+    OmegaConf.save(cfg, out / RUN_CONFIG, resolve=False)
+    if (out / ".hydra" / "overrides.yaml").is_file():
+        shutil.copyfile(out / ".hydra" / "overrides.yaml", out / RUN_OVERRIDES)
+
+
+@rank_zero_only
+def _restore_hydra_record(out: Path) -> None:
+    """Hydra has already written a refused command's config into ``.hydra/``; put the run's own back, so
+    the run is still summarised under the settings it was trained with."""
+    for source, target in ((RUN_CONFIG, "config.yaml"), (RUN_OVERRIDES, "overrides.yaml")):
+        if (out / source).is_file() and (out / ".hydra").is_dir():
+            shutil.copyfile(out / source, out / ".hydra" / target)
 
 
 @rank_zero_only
@@ -186,6 +209,7 @@ def train(cfg: DictConfig) -> dict:
             log.info("resume=true: %s has finished (metrics.json); not run again.", out)
             return json.loads((out / "metrics.json").read_text())
         _set_aside_previous_failure(out)
+    print_config(cfg, out / "config_tree.log")  # after the checks: a refused command leaves the run's own
     return fit_and_test(cfg)
 
 
@@ -209,8 +233,7 @@ def fit_and_test(cfg: DictConfig) -> dict:
     if trainer.is_global_zero:
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / "run_info.json", run_info())
-        if not (out / RUN_CONFIG).is_file():  # a resumed run keeps the record of how it started
-            OmegaConf.save(cfg, out / RUN_CONFIG, resolve=False)
+        _keep_run_record(cfg, out)
     if cfg.train:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
 
@@ -235,7 +258,6 @@ def fit_and_test(cfg: DictConfig) -> dict:
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    print_config(cfg, Path(cfg.paths.output_dir) / "config_tree.log")
     return train(cfg).get("best_val")
 
 

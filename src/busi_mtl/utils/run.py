@@ -119,6 +119,7 @@ def print_config(cfg: DictConfig, save_to: Path | None = None) -> None:
     console = Console()
     console.print(tree)
     if save_to is not None:
+        save_to.parent.mkdir(parents=True, exist_ok=True)
         with save_to.open("w") as fh:
             Console(file=fh, width=120).print(tree)
 
