@@ -156,13 +156,14 @@ def check_resume(cfg: DictConfig, out: Path) -> None:
             )
         return
     saved, current = _trained_settings(OmegaConf.load(record)), _trained_settings(cfg)
+    unset = "<unset>"
     differing = sorted(
-        k for k in saved.keys() | current.keys() if saved.get(k, "<unset>") != current.get(k, "<unset>")
+        k for k in saved.keys() | current.keys() if saved.get(k, unset) != current.get(k, unset)
     )
     if differing:
         _restore_hydra_record(out)
         detail = "; ".join(
-            f"{k}: run {saved.get(k, '<unset>')!r}, now {current.get(k, '<unset>')!r}" for k in differing
+            f"{k}: run {saved.get(k, unset)!r}, now {current.get(k, unset)!r}" for k in differing
         )
         raise ValueError(
             f"resume=true: {out} was started with another config ({detail}). Resume with the run's own "
@@ -170,9 +171,9 @@ def check_resume(cfg: DictConfig, out: Path) -> None:
         )
 
 
-@rank_zero_only
 def _keep_run_record(cfg: DictConfig, out: Path) -> None:
-    """Write :data:`RUN_CONFIG` and :data:`RUN_OVERRIDES` when a run first starts; a resumed run keeps them."""
+    """Write :data:`RUN_CONFIG` and :data:`RUN_OVERRIDES` when a run first starts (rank 0; the caller
+    checks); a resumed run keeps them."""
     if (out / RUN_CONFIG).is_file():
         return
     OmegaConf.save(cfg, out / RUN_CONFIG, resolve=False)
