@@ -90,6 +90,39 @@ def test_smoothed_per_image_dice_counts_normal_images() -> None:
     assert out["dice"].item() == pytest.approx((0.3 + 2 / 3 + 0) / 3, abs=1e-6)
 
 
+def test_normal_dice_weight_weighs_normal_images_in_the_smoothed_mean() -> None:
+    # The three images above; the normal ones weigh 0.25 each against the lesion image's 1.
+    logits = torch.cat([MASK_LOGITS, torch.zeros(1, 1, 1, 4), torch.full((1, 1, 1, 4), -30.0)])
+    mask = torch.cat([MASK, torch.zeros(2, 1, 1, 4)])
+    labels = torch.tensor([1, 0, 0])
+    out = MultiTaskLoss(dice_reduction="image_all", normal_dice_weight=0.25)(
+        logits, torch.zeros(3, 3), mask, labels
+    )
+    assert out["dice"].item() == pytest.approx((0.3 + 0.25 * 2 / 3) / 1.5, abs=1e-6)
+    # Weight 0 is the lesion images' mean alone, as with dice_reduction=image (up to the smoothing of 1).
+    out = MultiTaskLoss(dice_reduction="image_all", normal_dice_weight=0.0)(
+        logits, torch.zeros(3, 3), mask, labels
+    )
+    assert out["dice"].item() == pytest.approx(0.3, abs=1e-6)
+
+
+def test_normal_dice_weight_zero_on_a_normal_only_batch_keeps_gradients() -> None:
+    logits = torch.full((2, 1, 4, 4), 1.5, requires_grad=True)
+    loss = MultiTaskLoss(dice_reduction="image_all", normal_dice_weight=0.0)
+    out = loss(logits, CLASS_LOGITS, torch.zeros(2, 1, 4, 4), torch.zeros(2, dtype=torch.long))
+    assert out["dice"].item() == 0.0
+    out["loss"].backward()
+    assert logits.grad is not None
+    assert (logits.grad > 0).all()
+
+
+def test_normal_dice_weight_is_refused_where_it_would_be_ignored() -> None:
+    with pytest.raises(ValueError, match=r"loss\.normal_dice_weight=0\.5 only applies .*image_all.*'image'"):
+        MultiTaskLoss(dice_reduction="image", normal_dice_weight=0.5)
+    with pytest.raises(ValueError, match=r"loss\.normal_dice_weight must be >= 0"):
+        MultiTaskLoss(dice_reduction="image_all", normal_dice_weight=-1.0)
+
+
 def test_alpha_beta_and_term_weights_compose() -> None:
     loss = MultiTaskLoss(alpha=0.3, beta=0.7, dice_weight=2.0, bce_weight=0.5)
     out = loss(*_batch())

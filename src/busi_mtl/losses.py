@@ -17,6 +17,8 @@ outweighs a small one, per image each lesion counts once. Normal images are left
 ``dice_reduction="image_all"`` averages over every image ``1 - (2*sum(p*t) + 1) / (sum(p) + sum(t) + 1)``: the
 smoothing of 1 is negligible beside a lesion's pixel count, and a normal image's term is ``sum(p) / (sum(p) + 1)``,
 a soft count of its false-positive pixels that saturates, which is what the normal-empty rate scores.
+``normal_dice_weight`` (``image_all`` only) weighs each normal image's term against a lesion image's 1 in that
+mean: 0 leaves normal images to the pixel-wise term as ``image`` does, 1 (default) counts them as lesion images.
 Focal is smp's binary focal loss ``mean((1 - p_t)**gamma * BCE)`` without an alpha balance term.
 
 ``weighting="uncertainty"`` is the homoscedastic uncertainty weighting of Kendall, Gal & Cipolla (CVPR 2018)
@@ -33,6 +35,7 @@ All terms are computed in float32 (logits are cast with ``.float()``), so half-p
 """
 
 from collections.abc import Callable, Sequence
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -56,12 +59,16 @@ def per_image_dice_loss(mask_logits: Tensor, mask: Tensor) -> Tensor:
     return (1 - dice).mean()
 
 
-def smoothed_per_image_dice_loss(mask_logits: Tensor, mask: Tensor) -> Tensor:
-    """Mean over all images of ``1 - (2*sum(p*t) + 1) / (sum(p) + sum(t) + 1)``: normal images count too."""
+def smoothed_per_image_dice_loss(mask_logits: Tensor, mask: Tensor, normal_weight: float = 1.0) -> Tensor:
+    """Weighted mean over all images of ``1 - (2*sum(p*t) + 1) / (sum(p) + sum(t) + 1)``: a lesion image weighs 1,
+    a normal one ``normal_weight``; 0 if every weight is 0 (only normal images, ``normal_weight=0``)."""
     probs = mask_logits.sigmoid().flatten(1)
     target = mask.flatten(1)
     dice = (2 * (probs * target).sum(1) + 1) / (probs.sum(1) + target.sum(1) + 1)
-    return (1 - dice).mean()
+    weights = torch.where(target.sum(1) > 0, 1.0, normal_weight)
+    if not weights.sum() > 0:
+        return mask_logits.sum() * 0.0
+    return (weights * (1 - dice)).sum() / weights.sum()
 
 
 def _require_non_negative(**values: float) -> None:
@@ -92,6 +99,7 @@ class MultiTaskLoss(nn.Module):
         label_smoothing: float = 0.0,
         weighting: str = "fixed",
         dice_reduction: str = "batch",
+        normal_dice_weight: float = 1.0,
         num_classes: int = 3,
     ) -> None:
         super().__init__()
@@ -108,7 +116,13 @@ class MultiTaskLoss(nn.Module):
             bce_weight=bce_weight,
             focal_weight=focal_weight,
             focal_gamma=focal_gamma,
+            normal_dice_weight=normal_dice_weight,
         )
+        if normal_dice_weight != 1 and dice_reduction != "image_all":
+            raise ValueError(
+                f"loss.normal_dice_weight={normal_dice_weight} only applies with loss.dice_reduction=image_all, "
+                f"got dice_reduction={dice_reduction!r}"
+            )
         if alpha == 0 and beta == 0:
             raise ValueError("loss.alpha and loss.beta are both 0, so nothing would be trained; set one > 0")
         if not 0 <= label_smoothing < 1:
@@ -124,7 +138,7 @@ class MultiTaskLoss(nn.Module):
         self.dice: nn.Module | Callable[[Tensor, Tensor], Tensor] = {
             "batch": DiceLoss(mode="binary", from_logits=True),
             "image": per_image_dice_loss,
-            "image_all": smoothed_per_image_dice_loss,
+            "image_all": partial(smoothed_per_image_dice_loss, normal_weight=normal_dice_weight),
         }[dice_reduction]
         # The pixel-wise term is the one that still sees all-normal batches (Dice is 0 there).
         self.pixel_name = "bce" if seg_loss == "dice_bce" else "focal"
