@@ -24,6 +24,7 @@ from pytorch_lightning.plugins.environments import SLURMEnvironment
 from busi_mtl.data.busi import BUSIDataError
 from busi_mtl.losses import MultiTaskLoss
 from busi_mtl.train import check_resume, resume_checkpoint, train
+from busi_mtl.utils import run as run_utils
 
 from conftest import TINY_TRAIN, compose_config, write_png
 
@@ -179,6 +180,37 @@ def test_every_run_dir_records_what_it_depends_on(uninterrupted):
     info = json.loads((uninterrupted / "run_info.json").read_text())
     assert {"torch", "pytorch-lightning", "segmentation-models-pytorch"} <= set(info["packages"])
     assert "commit" in info["git"] and info["command"]
+    assert info["changed_since_start"] == []
+
+
+def test_tree_digests_name_every_edited_added_and_removed_file(tmp_path):
+    package, conf = tmp_path / "busi_mtl", tmp_path / "conf"
+    for path in (package / "a.py", package / "sub" / "b.py", conf / "train.yaml", conf / "loss" / "x.yaml"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(path.name)
+    before = run_utils.tree_digests(package, conf)
+    assert set(before) == {"busi_mtl/a.py", "busi_mtl/sub/b.py", "conf/train.yaml", "conf/loss/x.yaml"}
+    (package / "sub" / "b.py").write_text("edited")
+    (conf / "loss" / "x.yaml").unlink()
+    (conf / "loss" / "y.yaml").write_text("new")
+    (package / "notes.txt").write_text("neither code nor config")
+    after = run_utils.tree_digests(package, conf)
+    assert run_utils.changed_files(before, after) == [
+        "busi_mtl/sub/b.py",
+        "conf/loss/x.yaml",
+        "conf/loss/y.yaml",
+    ]
+
+
+def test_a_job_started_after_an_edit_warns_and_records_it(tmp_path, monkeypatch, caplog):
+    # As if conf/train.yaml had been edited after this process imported the package (e.g. mid-multirun).
+    monkeypatch.setitem(run_utils.LOADED_TREE, "conf/train.yaml", "0" * 40)
+    cfg = compose_config("train", [*RUN, "train=false", "test=false"], tmp_path)
+    with caplog.at_level("WARNING", logger="busi_mtl.train"):
+        train(cfg)
+    assert "Changed since this process started: conf/train.yaml" in caplog.text
+    info = json.loads((Path(cfg.paths.output_dir) / "run_info.json").read_text())
+    assert info["changed_since_start"] == ["conf/train.yaml"]
 
 
 def test_resuming_another_architecture_is_refused(uninterrupted, tmp_path):

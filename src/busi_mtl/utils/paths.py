@@ -4,12 +4,13 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-_PACKAGE_DIR = Path(__file__).resolve().parents[1]
-_SOURCE_CONF = _PACKAGE_DIR.parents[1] / "conf"
+#: The installed ``busi_mtl`` package folder.
+PACKAGE_DIR: Path = Path(__file__).resolve().parents[1]
+_SOURCE_CONF = PACKAGE_DIR.parents[1] / "conf"
 
 #: ``conf/`` at the repository top level in a checkout (editable install); the copy shipped inside the
 #: wheel (``busi_mtl/conf``) otherwise.
-CONFIG_DIR: Path = _SOURCE_CONF if _SOURCE_CONF.is_dir() else _PACKAGE_DIR / "conf"
+CONFIG_DIR: Path = _SOURCE_CONF if _SOURCE_CONF.is_dir() else PACKAGE_DIR / "conf"
 
 
 def _mkdir(path: str) -> str:

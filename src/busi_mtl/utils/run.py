@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import logging
 import math
@@ -24,6 +25,8 @@ from pytorch_lightning.loggers import Logger
 from rich.console import Console
 from rich.table import Table
 from rich.tree import Tree
+
+from busi_mtl.utils.paths import CONFIG_DIR, PACKAGE_DIR
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +67,32 @@ def instantiate_loggers(cfg: DictConfig | None) -> list[Logger]:
     return instantiate_list(cfg, Logger)
 
 
+def tree_digests(package_dir: Path = PACKAGE_DIR, config_dir: Path = CONFIG_DIR) -> dict[str, str]:
+    """SHA-1 of every module of the package and every config file, keyed ``busi_mtl/...`` and ``conf/...``."""
+    files = {f"{package_dir.name}/{p.relative_to(package_dir)}": p for p in package_dir.rglob("*.py")}
+    files |= {f"conf/{p.relative_to(config_dir)}": p for p in config_dir.rglob("*.yaml")}
+    return {name: hashlib.sha1(path.read_bytes()).hexdigest() for name, path in sorted(files.items())}
+
+
+def changed_files(before: Mapping[str, str], after: Mapping[str, str]) -> list[str]:
+    """Names edited, added or removed between two :func:`tree_digests`."""
+    return sorted(name for name in before.keys() | after.keys() if before.get(name) != after.get(name))
+
+
+#: The code and configs as this process imported them. A multirun composes each job's config from the files on
+#: disk when the job starts but runs the code loaded at the start, so an edit mid-sweep splits the two.
+LOADED_TREE: dict[str, str] = tree_digests()
+
+
+def changed_since_start() -> list[str]:
+    """Package modules and config files edited, added or removed since this process imported the package."""
+    return changed_files(LOADED_TREE, tree_digests())
+
+
+@functools.cache
 def git_commit() -> dict[str, Any]:
-    """Commit of the source tree the package runs from, and whether it had uncommitted changes."""
+    """Commit of the source tree the package runs from, and whether it had uncommitted changes, as at the first
+    call (about when the code was loaded: later edits show in :func:`changed_since_start`, not here)."""
     source = Path(__file__).resolve().parents[3]
     try:
         commit = subprocess.run(
@@ -105,6 +132,7 @@ def run_info() -> dict[str, Any]:
         "command": sys.argv,
         "packages": versions,
         "git": git_commit(),
+        "changed_since_start": changed_since_start(),
     }
 
 
