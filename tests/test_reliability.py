@@ -149,6 +149,24 @@ def test_resume_without_checkpoint_starts_fresh_and_explicit_path_works(uninterr
     assert metrics["epochs_trained"] == 4 and metrics["test"]["dice"] is not None
 
 
+def test_a_fresh_run_into_an_old_runs_directory_sets_its_outcome_aside(uninterrupted, tmp_path, caplog):
+    run_dir = tmp_path / "run"
+    shutil.copytree(uninterrupted, run_dir)
+    (run_dir / "error.txt").write_text("an earlier attempt failed")
+    old_metrics = (run_dir / "metrics.json").read_text()
+    with caplog.at_level("WARNING", logger="busi_mtl.train"):
+        metrics = train(compose_config("train", [*RUN, "trainer.max_epochs=1"], tmp_path))
+    assert "holds an earlier run" in caplog.text
+    assert metrics["epochs_trained"] == 1  # from scratch, not from the old last.ckpt
+    assert not (run_dir / "error.txt").exists()  # so summaries count this run as finished
+    assert (run_dir / "error.previous.txt").read_text() == "an earlier attempt failed"
+    assert (run_dir / "metrics.previous.json").read_text() == old_metrics
+    assert json.loads((run_dir / "metrics.json").read_text()) == metrics
+    assert (run_dir / "checkpoints" / "last.previous.ckpt").is_file()
+    assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 0
+    assert "max_epochs: 1" in (run_dir / "run_config.yaml").read_text()  # the record is this run's now
+
+
 def test_resume_of_a_run_without_a_config_record_warns_that_it_cannot_check(tmp_path, caplog):
     cfg = compose_config("train", [*RUN, "resume=true"], tmp_path)
     (tmp_path / "run").mkdir()

@@ -172,9 +172,9 @@ def check_resume(cfg: DictConfig, out: Path) -> None:
 
 
 def _keep_run_record(cfg: DictConfig, out: Path) -> None:
-    """Write :data:`RUN_CONFIG` and :data:`RUN_OVERRIDES` when a run first starts (rank 0; the caller
-    checks); a resumed run keeps them."""
-    if (out / RUN_CONFIG).is_file():
+    """Write :data:`RUN_CONFIG` and :data:`RUN_OVERRIDES` when a run starts (rank 0; the caller checks); a
+    resumed run keeps its own, a fresh run into an old run's directory replaces the old one's."""
+    if cfg.get("resume") and (out / RUN_CONFIG).is_file():
         return
     OmegaConf.save(cfg, out / RUN_CONFIG, resolve=False)
     if (out / ".hydra" / "overrides.yaml").is_file():
@@ -190,13 +190,22 @@ def _restore_hydra_record(out: Path) -> None:
             shutil.copyfile(out / source, out / ".hydra" / target)
 
 
+#: What a run leaves that says how it ended, and where an earlier run's copy is set aside.
+_OUTCOME = {
+    "error.txt": "error.previous.txt",
+    "metrics.json": "metrics.previous.json",
+    "checkpoints/last.ckpt": "checkpoints/last.previous.ckpt",
+}
+
+
 @rank_zero_only
-def _set_aside_previous_failure(out: Path) -> None:
-    """A retried run must not keep the old ``error.txt``, which marks a job as failed in summaries."""
-    error = out / "error.txt"
-    if error.is_file():
-        error.replace(out / "error.previous.txt")
-        log.info("resume=true: retrying after a failure; its error.txt is now error.previous.txt.")
+def _set_aside(out: Path, names: tuple[str, ...]) -> None:
+    """Rename an earlier attempt's outcome files (:data:`_OUTCOME`), so that an old ``error.txt`` does not
+    mark this run failed, and an old ``metrics.json`` or ``last.ckpt`` is never taken for this run's."""
+    for name in names:
+        if (out / name).is_file():
+            (out / name).replace(out / _OUTCOME[name])
+            log.info("%s: the earlier %s is now %s.", out, name, _OUTCOME[name])
 
 
 def train(cfg: DictConfig) -> dict:
@@ -209,7 +218,16 @@ def train(cfg: DictConfig) -> dict:
         if (out / "metrics.json").is_file() and not (out / "error.txt").is_file():
             log.info("resume=true: %s has finished (metrics.json); not run again.", out)
             return json.loads((out / "metrics.json").read_text())
-        _set_aside_previous_failure(out)
+        _set_aside(out, ("error.txt",))
+    else:
+        if any((out / name).is_file() for name in (*_OUTCOME, RUN_CONFIG)):
+            log.warning(
+                "%s holds an earlier run; this one starts from scratch and sets its outcome aside "
+                "(*.previous.*); resume=true would have continued it.",
+                out,
+            )
+        given = Path(cfg.ckpt_path).resolve() if cfg.get("ckpt_path") else None  # may be the old last.ckpt
+        _set_aside(out, tuple(name for name in _OUTCOME if (out / name).resolve() != given))
     print_config(cfg, out / "config_tree.log")  # after the checks: a refused command leaves the run's own
     return fit_and_test(cfg)
 
