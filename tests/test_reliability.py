@@ -18,7 +18,7 @@ import pytest
 import torch
 from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
-from omegaconf import open_dict
+from omegaconf import OmegaConf, open_dict
 from pytorch_lightning.plugins.environments import SLURMEnvironment
 
 from busi_mtl.data.busi import BUSIDataError
@@ -137,6 +137,22 @@ def test_resume_leaves_a_finished_run_alone_and_refuses_another_config(uninterru
     assert (run_dir / "config_tree.log").read_text() == tree
     for name, text in hydra_record.items():  # and its .hydra/ record is the run's own again
         assert (run_dir / ".hydra" / name).read_text() == text, name
+
+
+def test_resume_accepts_a_config_key_added_since_at_its_default(uninterrupted, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(uninterrupted, run_dir)
+    record = OmegaConf.load(run_dir / "run_config.yaml")
+    del record.loss["normal_dice_weight"]  # as if the run predated the key
+    OmegaConf.save(record, run_dir / "run_config.yaml")
+    finished = json.loads((run_dir / "metrics.json").read_text())
+
+    changed = compose_config("train", [*RUN, "resume=true", "loss.normal_dice_weight=0.5"], tmp_path)
+    with pytest.raises(ValueError, match=r"loss\.normal_dice_weight: run '<unset>', now 0\.5"):
+        check_resume(changed, run_dir)  # set to anything but its default, it is another config
+    assert train(compose_config("train", [*RUN, "resume=true"], tmp_path)) == finished
+    _finish(_start(tmp_path, run_dir, "resume=true"))  # and inside the Hydra app, as a user runs it
+    assert json.loads((run_dir / "metrics.json").read_text()) == finished
 
 
 def test_resume_without_checkpoint_starts_fresh_and_explicit_path_works(uninterrupted, tmp_path):

@@ -17,8 +17,12 @@ from pathlib import Path
 
 import hydra
 import pytorch_lightning as pl
+from hydra import initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.errors import HydraException
 from lightning_utilities.core.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 from pytorch_lightning.loggers import TensorBoardLogger
 
 from busi_mtl.metrics import collect_stage
@@ -145,6 +149,22 @@ def _trained_settings(cfg: DictConfig) -> dict[str, object]:
     return _flatten({k: v for k, v in plain.items() if k not in RESUME_MAY_CHANGE})
 
 
+def _composed_today(out: Path) -> dict[str, object]:
+    """The run's own overrides composed from today's config files, as :func:`_trained_settings`: the value
+    a key added to the configs since the run started takes for it ({} when that cannot be composed)."""
+    if not (out / RUN_OVERRIDES).is_file():
+        return {}
+    overrides = [str(o) for o in OmegaConf.load(out / RUN_OVERRIDES)]
+    try:
+        if GlobalHydra.instance().is_initialized():  # inside the @hydra.main app
+            return _trained_settings(hydra.compose(config_name="train", overrides=overrides))
+        with initialize_config_dir(version_base="1.3", config_dir=str(CONFIG_DIR)):
+            return _trained_settings(hydra.compose(config_name="train", overrides=overrides))
+    except (HydraException, OmegaConfBaseException) as err:
+        log.warning("resume=true: the run's overrides no longer compose (%s).", err)
+        return {}
+
+
 def check_resume(cfg: DictConfig, out: Path) -> None:
     """Refuse ``resume=true`` with a config other than the one the run in ``out`` started with, naming the
     differing keys: continuing a run under new settings would give numbers that belong to neither."""
@@ -160,6 +180,17 @@ def check_resume(cfg: DictConfig, out: Path) -> None:
     differing = sorted(
         k for k in saved.keys() | current.keys() if saved.get(k, unset) != current.get(k, unset)
     )
+    if added := [k for k in differing if k not in saved]:
+        today = _composed_today(out)
+        neutral = [k for k in added if k in today and today[k] == current[k]]
+        if neutral:
+            log.info(
+                "resume=true: %s not in %s (added since the run started); taken at the value the run's own "
+                "overrides give today.",
+                ", ".join(neutral),
+                record,
+            )
+            differing = [k for k in differing if k not in neutral]
     if differing:
         _restore_hydra_record(out)
         detail = "; ".join(
