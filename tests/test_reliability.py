@@ -169,6 +169,7 @@ def test_a_fresh_run_into_an_old_runs_directory_sets_its_outcome_aside(uninterru
     run_dir = tmp_path / "run"
     shutil.copytree(uninterrupted, run_dir)
     (run_dir / "error.txt").write_text("an earlier attempt failed")
+    (run_dir / "hpc_ckpt_1.ckpt").write_text("an earlier SLURM pre-emption checkpoint")
     old_metrics = (run_dir / "metrics.json").read_text()
     with caplog.at_level("WARNING", logger="busi_mtl.train"):
         metrics = train(compose_config("train", [*RUN, "trainer.max_epochs=1"], tmp_path))
@@ -179,6 +180,7 @@ def test_a_fresh_run_into_an_old_runs_directory_sets_its_outcome_aside(uninterru
     assert (run_dir / "metrics.previous.json").read_text() == old_metrics
     assert json.loads((run_dir / "metrics.json").read_text()) == metrics
     assert (run_dir / "checkpoints" / "last.previous.ckpt").is_file()
+    assert not (run_dir / "hpc_ckpt_1.ckpt").exists() and (run_dir / "previous_hpc_ckpt_1.ckpt").is_file()
     assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 0
     assert "max_epochs: 1" in (run_dir / "run_config.yaml").read_text()  # the record is this run's now
 

@@ -230,13 +230,13 @@ _OUTCOME = {
 
 
 @rank_zero_only
-def _set_aside(out: Path, names: tuple[str, ...]) -> None:
-    """Rename an earlier attempt's outcome files (:data:`_OUTCOME`), so that an old ``error.txt`` does not
-    mark this run failed, and an old ``metrics.json`` or ``last.ckpt`` is never taken for this run's."""
-    for name in names:
-        if (out / name).is_file():
-            (out / name).replace(out / _OUTCOME[name])
-            log.info("%s: the earlier %s is now %s.", out, name, _OUTCOME[name])
+def _set_aside(moves: dict[Path, Path]) -> None:
+    """Rename an earlier attempt's outcome files (see :func:`train`), so that an old ``error.txt`` does not
+    mark this run failed and an old ``metrics.json`` or checkpoint is never taken for this run's."""
+    for source, target in moves.items():
+        if source.is_file():
+            source.replace(target)
+            log.info("%s: the earlier %s is now %s.", source.parent, source.name, target.name)
 
 
 def train(cfg: DictConfig) -> dict:
@@ -249,16 +249,23 @@ def train(cfg: DictConfig) -> dict:
         if (out / "metrics.json").is_file() and not (out / "error.txt").is_file():
             log.info("resume=true: %s has finished (metrics.json); not run again.", out)
             return json.loads((out / "metrics.json").read_text())
-        _set_aside(out, ("error.txt",))
-    else:
-        if any((out / name).is_file() for name in (*_OUTCOME, RUN_CONFIG)):
+        _set_aside({out / "error.txt": out / _OUTCOME["error.txt"]})
+    else:  # a fresh start; Lightning would resume from an old hpc_ckpt_N.ckpt on SLURM, so it goes aside too
+        moves = {out / name: out / previous for name, previous in _OUTCOME.items()}
+        moves |= {ckpt: ckpt.with_name(f"previous_{ckpt.name}") for ckpt in out.glob("hpc_ckpt_*.ckpt")}
+        given = Path(cfg.ckpt_path).resolve() if cfg.get("ckpt_path") else None  # may be one of them
+        moves = {
+            source: target
+            for source, target in moves.items()
+            if source.is_file() and source.resolve() != given
+        }
+        if moves or (out / RUN_CONFIG).is_file():
             log.warning(
-                "%s holds an earlier run; this one starts from scratch and sets its outcome aside "
-                "(*.previous.*); resume=true would have continued it.",
+                "%s holds an earlier run; this one starts from scratch and renames that run's outcome files "
+                "(*previous*); resume=true would have continued it.",
                 out,
             )
-        given = Path(cfg.ckpt_path).resolve() if cfg.get("ckpt_path") else None  # may be the old last.ckpt
-        _set_aside(out, tuple(name for name in _OUTCOME if (out / name).resolve() != given))
+        _set_aside(moves)
     print_config(cfg, out / "config_tree.log")  # after the checks: a refused command leaves the run's own
     return fit_and_test(cfg)
 
