@@ -46,6 +46,8 @@ RUN_CONFIG = "run_config.yaml"
 RUN_OVERRIDES = "run_overrides.yaml"
 #: Top-level keys a resumed run may change: the resume switches and where files live, not what is trained.
 RESUME_MAY_CHANGE = ("resume", "ckpt_path", "paths")
+#: Lightning's SLURM pre-emption checkpoints in the run directory, which it resumes from on SLURM.
+HPC_CHECKPOINTS = "hpc_ckpt_*.ckpt"
 
 
 def build_module(cfg: DictConfig) -> MultiTaskModule:
@@ -108,7 +110,7 @@ def resume_checkpoint(cfg: DictConfig, out: Path) -> str | None:
         return str(cfg.ckpt_path)
     if not cfg.get("resume"):
         return None
-    candidates = [p for p in [out / "checkpoints" / "last.ckpt", *out.glob("hpc_ckpt_*.ckpt")] if p.is_file()]
+    candidates = [p for p in [out / "checkpoints" / "last.ckpt", *out.glob(HPC_CHECKPOINTS)] if p.is_file()]
     if not candidates:
         log.info("resume=true: no checkpoint in %s yet; starting from scratch.", out)
         return None
@@ -252,7 +254,7 @@ def train(cfg: DictConfig) -> dict:
         _set_aside({out / "error.txt": out / _OUTCOME["error.txt"]})
     else:  # a fresh start; Lightning would resume from an old hpc_ckpt_N.ckpt on SLURM, so it goes aside too
         moves = {out / name: out / previous for name, previous in _OUTCOME.items()}
-        moves |= {ckpt: ckpt.with_name(f"previous_{ckpt.name}") for ckpt in out.glob("hpc_ckpt_*.ckpt")}
+        moves |= {ckpt: ckpt.with_name(f"previous_{ckpt.name}") for ckpt in out.glob(HPC_CHECKPOINTS)}
         given = Path(cfg.ckpt_path).resolve() if cfg.get("ckpt_path") else None  # may be one of them
         moves = {
             source: target
