@@ -18,6 +18,7 @@ import pytest
 import torch
 from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
+from lightning_utilities.core.rank_zero import rank_zero_only
 from omegaconf import OmegaConf, open_dict
 from pytorch_lightning.plugins.environments import SLURMEnvironment
 
@@ -183,6 +184,20 @@ def test_a_fresh_run_into_an_old_runs_directory_sets_its_outcome_aside(uninterru
     assert not (run_dir / "hpc_ckpt_1.ckpt").exists() and (run_dir / "previous_hpc_ckpt_1.ckpt").is_file()
     assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 0
     assert "max_epochs: 1" in (run_dir / "run_config.yaml").read_text()  # the record is this run's now
+
+
+def test_a_ddp_process_relaunched_into_rank_0s_directory_leaves_it_alone(
+    uninterrupted, tmp_path, caplog, monkeypatch
+):
+    run_dir = tmp_path / "run"
+    shutil.copytree(uninterrupted, run_dir)
+    (run_dir / "error.txt").write_text("rank 0's business")
+    monkeypatch.setattr(rank_zero_only, "rank", 1)  # what Lightning's relaunched DDP processes run as
+    with caplog.at_level("WARNING", logger="busi_mtl.train"):
+        train(compose_config("train", [*RUN, "train=false", "test=false"], tmp_path))
+    assert "holds an earlier run" not in caplog.text
+    assert (run_dir / "error.txt").is_file() and (run_dir / "checkpoints" / "last.ckpt").is_file()
+    assert not list(run_dir.rglob("*previous*"))
 
 
 def test_resume_of_a_run_without_a_config_record_warns_that_it_cannot_check(tmp_path, caplog):

@@ -232,9 +232,12 @@ _OUTCOME = {
 
 
 @rank_zero_only
-def _set_aside(moves: dict[Path, Path]) -> None:
+def _set_aside(moves: dict[Path, Path], warning: str | None = None) -> None:
     """Rename an earlier attempt's outcome files (see :func:`train`), so that an old ``error.txt`` does not
-    mark this run failed and an old ``metrics.json`` or checkpoint is never taken for this run's."""
+    mark this run failed and an old ``metrics.json`` or checkpoint is never taken for this run's. Rank 0
+    only: a DDP process Lightning relaunches into the directory rank 0 has just started leaves it alone."""
+    if warning:
+        log.warning(warning)
     for source, target in moves.items():
         if source.is_file():
             source.replace(target)
@@ -261,13 +264,11 @@ def train(cfg: DictConfig) -> dict:
             for source, target in moves.items()
             if source.is_file() and source.resolve() != given
         }
-        if moves or (out / RUN_CONFIG).is_file():
-            log.warning(
-                "%s holds an earlier run; this one starts from scratch and renames that run's outcome files "
-                "(*previous*); resume=true would have continued it.",
-                out,
-            )
-        _set_aside(moves)
+        warning = (
+            f"{out} holds an earlier run; this one starts from scratch and renames that run's outcome files "
+            "(*previous*); resume=true would have continued it."
+        )
+        _set_aside(moves, warning if moves or (out / RUN_CONFIG).is_file() else None)
     print_config(cfg, out / "config_tree.log")  # after the checks: a refused command leaves the run's own
     return fit_and_test(cfg)
 
