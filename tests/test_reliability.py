@@ -210,6 +210,15 @@ def test_resume_of_a_run_without_a_config_record_warns_that_it_cannot_check(tmp_
     assert "cannot be checked" in caplog.text
 
 
+def test_only_rank_0_warns_that_an_older_run_cannot_be_checked(tmp_path, caplog, monkeypatch):
+    cfg = compose_config("train", [*RUN, "resume=true"], tmp_path)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.json").write_text("{}")
+    monkeypatch.setattr(rank_zero_only, "rank", 1)
+    check_resume(cfg, tmp_path / "run")
+    assert "cannot be checked" not in caplog.text
+
+
 def test_same_seed_same_numbers_in_deterministic_mode(tmp_path):
     overrides = [*RUN, "trainer.max_epochs=2"]
     first = train(compose_config("train", overrides, tmp_path / "a"))

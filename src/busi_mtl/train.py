@@ -172,7 +172,8 @@ def check_resume(cfg: DictConfig, out: Path) -> None:
     differing keys: continuing a run under new settings would give numbers that belong to neither."""
     record = out / RUN_CONFIG
     if not record.is_file():
-        if (out / "metrics.json").is_file() or (out / "checkpoints" / "last.ckpt").is_file():
+        legacy = (out / "metrics.json").is_file() or (out / "checkpoints" / "last.ckpt").is_file()
+        if legacy and rank_zero_only.rank == 0:  # once, not from every process Lightning's ddp relaunches
             log.warning(
                 "resume=true: %s has no %s (older run), so its config cannot be checked.", out, RUN_CONFIG
             )
