@@ -33,6 +33,17 @@ def test_every_config_option_composes_and_resolves(group, option, tmp_path):
         build_module(cfg)  # the module accepts every option of the groups it is built from
 
 
+def test_busi_gpu_keeps_the_settings_its_readme_figures_came_from(tmp_path):
+    recipe, gpu = (
+        compose_config("train", [f"experiment={e}", "data.root=/x"], tmp_path) for e in ("busi", "busi_gpu")
+    )
+    assert (recipe.loss.dice_reduction, recipe.loss.focal_weight) == ("image", 3.0)
+    # busi_gpu's CVs ran with the pooled Dice busi used until 2026-12-02, so it must not follow busi's loss.
+    assert (gpu.loss.dice_reduction, gpu.loss.focal_weight) == ("batch", 1.0)
+    assert (gpu.data.image_size, recipe.data.image_size) == (256, 160)
+    assert OmegaConf.merge(recipe.model, {"channels_last": True}) == gpu.model
+
+
 def test_eval_and_audit_configs_compose(tmp_path):
     assert compose_config("eval", ["ckpt_path=x.ckpt"], tmp_path).split == "test"
     assert compose_config("audit", ["data.root=/x"], tmp_path).data.dup_threshold == 64
