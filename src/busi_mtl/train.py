@@ -167,14 +167,18 @@ def _composed_today(out: Path) -> dict[str, object]:
         return {}
 
 
+#: A warning about the run directory, logged once: by rank 0, not again by each process Lightning's ddp
+#: relaunches into the directory rank 0 has just started.
+_warn_rank_zero = rank_zero_only(log.warning)
+
+
 def check_resume(cfg: DictConfig, out: Path) -> None:
     """Refuse ``resume=true`` with a config other than the one the run in ``out`` started with, naming the
     differing keys: continuing a run under new settings would give numbers that belong to neither."""
     record = out / RUN_CONFIG
     if not record.is_file():
-        legacy = (out / "metrics.json").is_file() or (out / "checkpoints" / "last.ckpt").is_file()
-        if legacy and rank_zero_only.rank == 0:  # once, not from every process Lightning's ddp relaunches
-            log.warning(
+        if (out / "metrics.json").is_file() or (out / "checkpoints" / "last.ckpt").is_file():
+            _warn_rank_zero(
                 "resume=true: %s has no %s (older run), so its config cannot be checked.", out, RUN_CONFIG
             )
         return
@@ -233,12 +237,10 @@ _OUTCOME = {
 
 
 @rank_zero_only
-def _set_aside(moves: dict[Path, Path], warning: str | None = None) -> None:
+def _set_aside(moves: dict[Path, Path]) -> None:
     """Rename an earlier attempt's outcome files (see :func:`train`), so that an old ``error.txt`` does not
     mark this run failed and an old ``metrics.json`` or checkpoint is never taken for this run's. Rank 0
     only: a DDP process Lightning relaunches into the directory rank 0 has just started leaves it alone."""
-    if warning:
-        log.warning(warning)
     for source, target in moves.items():
         if source.is_file():
             source.replace(target)
@@ -265,11 +267,13 @@ def train(cfg: DictConfig) -> dict:
             for source, target in moves.items()
             if source.is_file() and source.resolve() != given
         }
-        warning = (
-            f"{out} holds an earlier run; this one starts from scratch and renames that run's outcome files "
-            "(*previous*); resume=true would have continued it."
-        )
-        _set_aside(moves, warning if moves or (out / RUN_CONFIG).is_file() else None)
+        if moves or (out / RUN_CONFIG).is_file():
+            _warn_rank_zero(
+                "%s holds an earlier run; this one starts from scratch and renames that run's outcome files "
+                "(*previous*); resume=true would have continued it.",
+                out,
+            )
+        _set_aside(moves)
     print_config(cfg, out / "config_tree.log")  # after the checks: a refused command leaves the run's own
     return fit_and_test(cfg)
 
