@@ -1,6 +1,8 @@
-"""Callbacks: the EMA weights are the ones validated, checkpointed and tested."""
+"""Callbacks: the EMA weights are the ones validated, checkpointed and tested; the model summary counts FLOPs."""
 
 from __future__ import annotations
+
+from types import SimpleNamespace
 
 import pytest
 import pytorch_lightning as pl
@@ -8,7 +10,8 @@ import torch
 from pytorch_lightning.callbacks import EMAWeightAveraging, ModelCheckpoint
 from torch.utils.data import DataLoader, TensorDataset
 
-from busi_mtl.callbacks import EMAWeights
+from busi_mtl.callbacks import EMAWeights, ModelSummaryWithFlops
+from busi_mtl.models.module import load_module
 
 
 class Regression(pl.LightningModule):
@@ -105,3 +108,20 @@ def test_resumed_fit_restores_both_the_raw_and_the_averaged_weights(tmp_path):
     trainer.fit(Regression(), loader(0), loader(1), ckpt_path=last)
     torch.testing.assert_close(snapshot.raw, saved["current_model_state"]["layer.weight"])
     torch.testing.assert_close(snapshot.average, saved["state_dict"]["layer.weight"])
+
+
+def test_model_summary_counts_the_flops_of_one_image_at_the_data_size(trained_run):
+    """Lightning's summary prints "Total FLOPs: 0" without an example input; ours runs one image."""
+    run, _ = trained_run
+    module = load_module(run / "checkpoints" / "last.ckpt")
+    module._forward = [torch.compile(module.net)]  # a compiled forward must not be what is counted
+    trainer = SimpleNamespace(datamodule=SimpleNamespace(hparams={"image_size": 64}), strategy=None)
+    summaries = [ModelSummaryWithFlops()._summary(trainer, module) for _ in range(2)]
+    flops = [s.total_flops for s in summaries]
+    assert flops[0] > 0 and flops[0] == flops[1]
+    assert summaries[0].in_sizes[0] == [1, 1, 64, 64]
+    assert module.example_input_array is None and module._forward[0] is not module.net
+    bigger = SimpleNamespace(datamodule=SimpleNamespace(hparams={"image_size": 128}), strategy=None)
+    assert ModelSummaryWithFlops()._summary(bigger, module).total_flops == pytest.approx(
+        4 * flops[0], rel=0.05
+    )

@@ -1,14 +1,15 @@
 """Lightning callbacks: overlay galleries and confusion matrices in TensorBoard; a NaN/inf loss guard;
-EMA weights that stay in force when testing the best checkpoint."""
+EMA weights that stay in force when testing the best checkpoint; a model summary that counts FLOPs."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import EMAWeightAveraging
+from pytorch_lightning.callbacks import EMAWeightAveraging, RichModelSummary
 from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.trainer.states import TrainerFn
+from pytorch_lightning.utilities.model_summary import ModelSummary
 
 from busi_mtl.data import CLASSES
 from busi_mtl.metrics import binarize, collect_stage
@@ -139,3 +140,20 @@ class EMAWeights(EMAWeightAveraging):
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.state.fn == TrainerFn.FITTING:
             super().on_validation_epoch_end(trainer, pl_module)
+
+
+class ModelSummaryWithFlops(RichModelSummary):
+    """Rich model summary with FLOPs and layer shapes for one image at the data's size. Lightning prints
+    "Total FLOPs: 0" unless the module has an example input, and the image size is a data setting."""
+
+    def _summary(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> ModelSummary:
+        size = getattr(trainer.datamodule, "hparams", {}).get("image_size")
+        if size is None or pl_module.example_input_array is not None:
+            return super()._summary(trainer, pl_module)
+        # Count the plain network: a compiled one would compile for this batch of one in eval mode.
+        forward, pl_module._forward = pl_module._forward, [pl_module.net]
+        pl_module.example_input_array = torch.zeros(1, 1, size, size)
+        try:
+            return super()._summary(trainer, pl_module)
+        finally:
+            pl_module._forward, pl_module.example_input_array = forward, None
