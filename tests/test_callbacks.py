@@ -125,3 +125,8 @@ def test_model_summary_counts_the_flops_of_one_image_at_the_data_size(trained_ru
     assert ModelSummaryWithFlops()._summary(bigger, module).total_flops == pytest.approx(
         4 * flops[0], rel=0.05
     )
+    # net.seg runs only through its encoder, decoder and head: its row sums theirs instead of showing 0
+    rows = ModelSummaryWithFlops(max_depth=2)._summary(trainer, module).flop_counts
+    per_row = {name: sum(counts.values()) for name, counts in rows.items()}
+    assert per_row["net.seg"] > 0 and per_row["net.head"] > 0
+    assert per_row["net.seg"] + per_row["net.head"] == per_row["net"] == flops[0]

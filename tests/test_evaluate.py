@@ -9,6 +9,7 @@ import pytest
 
 from busi_mtl.data.synthetic import generate_busi
 from busi_mtl.evaluate import evaluate
+from busi_mtl.utils import run as run_utils
 
 from conftest import compose_config
 
@@ -56,6 +57,16 @@ def test_threshold_override_changes_predictions(trained_run, tmp_path):
     low_px = pd.read_csv(tmp_path / "a" / "run" / "per_image.csv")["pred_lesion_px"].sum()
     high_px = pd.read_csv(tmp_path / "b" / "run" / "per_image.csv")["pred_lesion_px"].sum()
     assert low_px > high_px
+
+
+def test_an_evaluation_after_an_edit_warns_and_records_it(trained_run, tmp_path, monkeypatch, caplog):
+    # As if conf/eval.yaml had been edited after this process imported the package (e.g. mid-multirun).
+    monkeypatch.setitem(run_utils.LOADED_TREE, "conf/eval.yaml", "0" * 40)
+    run, _ = trained_run
+    with caplog.at_level("WARNING", logger="busi_mtl.utils.run"):
+        _, out = _evaluate(tmp_path, f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}")
+    assert "Changed since this process started: conf/eval.yaml" in caplog.text
+    assert json.loads((out / "run_info.json").read_text())["changed_since_start"] == ["conf/eval.yaml"]
 
 
 def test_missing_checkpoint_is_a_clear_error(tmp_path):

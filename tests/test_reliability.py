@@ -266,7 +266,7 @@ def test_a_job_started_after_an_edit_warns_and_records_it(tmp_path, monkeypatch,
     # As if conf/train.yaml had been edited after this process imported the package (e.g. mid-multirun).
     monkeypatch.setitem(run_utils.LOADED_TREE, "conf/train.yaml", "0" * 40)
     cfg = compose_config("train", [*RUN, "train=false", "test=false"], tmp_path)
-    with caplog.at_level("WARNING", logger="busi_mtl.train"):
+    with caplog.at_level("WARNING", logger="busi_mtl.utils.run"):
         train(cfg)
     assert "Changed since this process started: conf/train.yaml" in caplog.text
     info = json.loads((Path(cfg.paths.output_dir) / "run_info.json").read_text())

@@ -3,6 +3,8 @@ EMA weights that stay in force when testing the best checkpoint; a model summary
 
 from __future__ import annotations
 
+from collections import Counter
+
 import numpy as np
 import pytorch_lightning as pl
 import torch
@@ -142,6 +144,29 @@ class EMAWeights(EMAWeightAveraging):
             super().on_validation_epoch_end(trainer, pl_module)
 
 
+def _subtree_flops(counts: dict[str, dict], key: str, module: torch.nn.Module) -> Counter:
+    """FLOPs by operator for ``module``: its own entry, or its children's summed when its forward never ran."""
+    if key in counts:
+        return Counter(counts[key])
+    total: Counter = Counter()
+    for name, child in module.named_children():
+        total.update(_subtree_flops(counts, f"{key}.{name}", child))
+    return total
+
+
+class NestedFlopsSummary(ModelSummary):
+    """Lightning's summary, except that a container called only through its children (``MultiTaskNet`` runs
+    ``net.seg``'s encoder, decoder and head, never ``net.seg`` itself) shows its children's FLOPs, not 0."""
+
+    @property
+    def flop_counts(self) -> dict[str, dict]:
+        counts = self._flop_counter.get_flop_counts()
+        root, modules = type(self._model).__name__, dict(self._model.named_modules())
+        return {
+            name: dict(_subtree_flops(counts, f"{root}.{name}", modules[name])) for name in self.layer_names
+        }
+
+
 class ModelSummaryWithFlops(RichModelSummary):
     """Rich model summary with FLOPs and layer shapes for one image at the data's size. Lightning prints
     "Total FLOPs: 0" unless the module has an example input, and the image size is a data setting."""
@@ -149,11 +174,11 @@ class ModelSummaryWithFlops(RichModelSummary):
     def _summary(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> ModelSummary:
         size = getattr(trainer.datamodule, "hparams", {}).get("image_size")
         if size is None or pl_module.example_input_array is not None:
-            return super()._summary(trainer, pl_module)
+            return NestedFlopsSummary(pl_module, max_depth=self._max_depth)
         # Count the plain network: a compiled one would compile for this batch of one in eval mode.
         forward, pl_module._forward = pl_module._forward, [pl_module.net]
         pl_module.example_input_array = torch.zeros(1, 1, size, size)
         try:
-            return super()._summary(trainer, pl_module)
+            return NestedFlopsSummary(pl_module, max_depth=self._max_depth)
         finally:
             pl_module._forward, pl_module.example_input_array = forward, None

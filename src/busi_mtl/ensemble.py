@@ -43,7 +43,7 @@ from busi_mtl.models.module import MultiTaskModule, load_module, read_checkpoint
 from busi_mtl.postprocess import PostProcess
 from busi_mtl.summarize import job_dirs
 from busi_mtl.utils.paths import CONFIG_DIR
-from busi_mtl.utils.run import print_metrics, resolve_device, run_info, task_wrapper, write_json
+from busi_mtl.utils.run import print_metrics, resolve_device, save_run_info, task_wrapper, write_json
 
 log = logging.getLogger(__name__)
 
@@ -279,7 +279,7 @@ def ensemble(cfg: DictConfig) -> dict:
     report["n_images"] = len(combined.ids)
     per_image_table(outputs).to_csv(out / "per_image.csv", index=False)
     write_json(out / "metrics.json", report)
-    write_json(out / "run_info.json", run_info())
+    save_run_info(out)
     shown = {
         "ensemble": {k: values.get(k) for k in MEMBER_KEYS},
         "members (mean)": report["member_mean"],

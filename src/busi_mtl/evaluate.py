@@ -32,7 +32,7 @@ from busi_mtl.metrics import SegmentationMetrics, classification_metrics, confus
 from busi_mtl.models.module import load_module, read_checkpoint
 from busi_mtl.postprocess import PostProcess
 from busi_mtl.utils.paths import CONFIG_DIR
-from busi_mtl.utils.run import print_metrics, run_info, task_wrapper, write_json
+from busi_mtl.utils.run import print_metrics, save_run_info, task_wrapper, write_json
 from busi_mtl.visualize import class_lines, confusion_figure, dice_figure, draw_overlay, roc_figure, tile
 
 log = logging.getLogger(__name__)
@@ -185,7 +185,7 @@ def evaluate(cfg: DictConfig) -> dict:
     }
     table.to_csv(out / "per_image.csv", index=False)
     write_json(out / "metrics.json", metrics)
-    write_json(out / "run_info.json", run_info())
+    save_run_info(out)
     values = metrics[cfg.split]
     save_figure(
         confusion_figure(np.array(values["confusion_matrix"]), CLASSES, f"{cfg.split} confusion matrix"),

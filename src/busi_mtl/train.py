@@ -33,7 +33,7 @@ from busi_mtl.utils.run import (
     instantiate_loggers,
     print_config,
     print_metrics,
-    run_info,
+    save_run_info,
     task_wrapper,
     write_json,
 )
@@ -297,15 +297,7 @@ def fit_and_test(cfg: DictConfig) -> dict:
     )
     if trainer.is_global_zero:
         out.mkdir(parents=True, exist_ok=True)
-        info = run_info()
-        if info["changed_since_start"]:
-            log.warning(
-                "Changed since this process started: %s. This job's config was composed from the files on disk, "
-                "but it runs the code loaded at the start (run long sweeps from a checkout you do not edit, "
-                "e.g. a git worktree); the list is kept in run_info.json.",
-                ", ".join(info["changed_since_start"]),
-            )
-        write_json(out / "run_info.json", info)
+        save_run_info(out)
         _keep_run_record(cfg, out)
     if cfg.train:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)

@@ -187,6 +187,21 @@ def write_json(path: Path, payload: Mapping) -> None:
     path.write_text(json.dumps(json_safe(payload), indent=2, allow_nan=False))
 
 
+def save_run_info(out: Path) -> dict[str, Any]:
+    """Write :func:`run_info` to ``out/run_info.json``, warning first when the code or configs were edited since
+    this process started (a job's config is composed from the files on disk, its code is what was loaded)."""
+    info = run_info()
+    if info["changed_since_start"]:
+        log.warning(
+            "Changed since this process started: %s. This job's config was composed from the files on disk, "
+            "but it runs the code loaded at the start (run long sweeps from a checkout you do not edit, "
+            "e.g. a git worktree); the list is kept in run_info.json.",
+            ", ".join(info["changed_since_start"]),
+        )
+    write_json(out / "run_info.json", info)
+    return info
+
+
 def task_wrapper(task: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
     """Record a failure in the run dir (``error.txt``) before re-raising, so a failed job of a
     multirun is visible as failed and never mistaken for a finished one."""
