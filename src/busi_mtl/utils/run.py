@@ -187,7 +187,7 @@ def write_json(path: Path, payload: Mapping) -> None:
     path.write_text(json.dumps(json_safe(payload), indent=2, allow_nan=False))
 
 
-def save_run_info(out: Path) -> dict[str, Any]:
+def save_run_info(out: Path) -> None:
     """Write :func:`run_info` to ``out/run_info.json``, warning first when the code or configs were edited since
     this process started (a job's config is composed from the files on disk, its code is what was loaded)."""
     info = run_info()
@@ -199,7 +199,6 @@ def save_run_info(out: Path) -> dict[str, Any]:
             ", ".join(info["changed_since_start"]),
         )
     write_json(out / "run_info.json", info)
-    return info
 
 
 def task_wrapper(task: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
