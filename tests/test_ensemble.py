@@ -95,7 +95,8 @@ def test_one_member_without_tta_matches_evaluate(cv_sweep, tmp_path):
         compose_config("eval", ["trainer.accelerator=cpu", f"ckpt_path={best}"], tmp_path / "ev")
     )
     assert report["chosen"]["normal_gate"] == 0.5  # the checkpoint's own post-processing
-    for key in ("dice", "iou", "f1", "acc", "auroc", "normal_empty_rate", "pp_dice", "pp_normal_empty_rate"):
+    keys = ("dice", "iou", "f1", "acc", "auroc", "normal_empty_rate", "pp_dice", "pp_normal_empty_rate")
+    for key in (*keys, "native_dice", "native_pp_dice", "native_pp_normal_empty_rate"):
         assert report["test"][key] == pytest.approx(single["test"][key], abs=1e-5, nan_ok=True), key
 
 

@@ -4,14 +4,22 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pandas as pd
 import pytest
+import torch
 
+from busi_mtl.data import BENIGN
+from busi_mtl.data.busi import load_image, load_mask, scan_busi
 from busi_mtl.data.synthetic import generate_busi
-from busi_mtl.evaluate import evaluate
+from busi_mtl.evaluate import aggregate, evaluate, native_outputs
+from busi_mtl.metrics import per_image_scores
+from busi_mtl.models.module import read_checkpoint
+from busi_mtl.postprocess import PostProcess
+from busi_mtl.predict import Predictor
 from busi_mtl.utils import run as run_utils
 
-from conftest import compose_config
+from conftest import compose_config, write_png
 
 
 def _evaluate(tmp_path, *overrides):
@@ -36,6 +44,58 @@ def test_evaluate_reproduces_the_training_test_numbers(trained_run, tmp_path):
     )
     lesion = table[table["class"] != "normal"]
     assert lesion["dice"].mean() == pytest.approx(metrics["test"]["dice"], abs=1e-5)
+
+
+def test_native_metrics_score_the_masks_predict_writes(trained_run, tmp_path):
+    run, _ = trained_run
+    ckpt = run / "checkpoints" / "last.ckpt"
+    metrics, out = _evaluate(tmp_path, f"ckpt_path={ckpt}")
+    values, table = metrics["test"], pd.read_csv(out / "per_image.csv")
+    lesion = table[table["class"] != "normal"]
+    assert values["native_dice"] == pytest.approx(lesion["native_dice"].mean(), abs=1e-6)
+    assert values["native_pp_dice"] == pytest.approx(lesion["native_pp_dice"].mean(), abs=1e-6)
+    assert values["native_n_lesion_images"] == len(lesion)
+    # Independently: busi_mtl.predict's full-size masks against the mask files, image by image.
+    manifest = scan_busi(read_checkpoint(ckpt)["datamodule_hyper_parameters"]["root"]).set_index("id")
+    predictor = Predictor.from_checkpoint(ckpt, device="cpu")
+    for row in lesion.itertuples():
+        image = load_image(manifest.loc[row.id, "image_path"])
+        [prob], class_probs = predictor([image])
+        mask = predictor.postprocess_mask(prob > predictor.threshold, class_probs[0])
+        true = load_mask(manifest.loc[row.id, "mask_paths"], image.shape)
+        dice, _ = per_image_scores(torch.from_numpy(mask)[None], torch.from_numpy(true)[None])
+        assert float(dice[0]) == pytest.approx(row.native_pp_dice, abs=1e-4), row.id
+
+
+def test_native_metrics_count_a_lesion_the_resize_lost(tmp_path):
+    # A 3x3 px lesion in a 320x320 image: empty once area-resized to 64 px, so the network-resolution
+    # Dice leaves the image out; at its own size it counts, and an empty prediction scores 0.
+    mask = np.zeros((320, 320), np.uint8)
+    mask[100:103, 100:103] = 255
+    manifest = pd.DataFrame(
+        {
+            "id": ["benign (1)"],
+            "height": [320],
+            "width": [320],
+            "mask_paths": [(str(write_png(tmp_path / "benign (1)_mask.png", mask)),)],
+        }
+    )
+    outputs = [
+        {
+            "id": ["benign (1)"],
+            "label": torch.tensor([BENIGN]),
+            "probs": torch.tensor([[0.1, 0.8, 0.1]]),
+            "lesion_prob": torch.zeros(1, 64, 64),
+            "pred_mask": torch.zeros(1, 64, 64, dtype=torch.bool),
+            "pp_mask": torch.zeros(1, 64, 64, dtype=torch.bool),
+            "true_mask": torch.zeros(1, 64, 64, dtype=torch.bool),
+        }
+    ]
+    native = native_outputs(outputs, manifest, keep_aspect=False, threshold=0.5, postprocess=PostProcess())
+    assert native[0]["true_mask"].shape == (1, 320, 320) and int(native[0]["true_mask"].sum()) == 9
+    values = aggregate(outputs, {"dice": 1.0}, postprocessed=False, native=native)
+    assert values["n_lesion_images"] == 0 and np.isnan(values["dice"])
+    assert values["native_n_lesion_images"] == 1 and values["native_dice"] == 0
 
 
 def test_evaluate_a_whole_folder(trained_run, synthetic_busi, tmp_path):

@@ -14,7 +14,7 @@
    augmentation, then thresholded and post-processed with the chosen settings.
 
 Writes to the run directory: ``metrics.json`` (the chosen settings; the ensemble's metrics raw and
-post-processed; every member's metrics under the same settings, and their mean and std, so that the gain of
+post-processed, at the network's resolution and, as ``native_*``, at each image's own size; every member's metrics under the same settings, and their mean and std, so that the gain of
 ensembling shows apart from the gain of post-processing; the OOF figures), ``oof_grid.csv`` (the objective
 for every setting tried), ``oof_per_image.csv`` (the out-of-fold per-image results under the chosen
 settings) and ``per_image.csv`` (the ensemble's per-image results).
@@ -37,7 +37,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from busi_mtl.data import NORMAL
-from busi_mtl.evaluate import aggregate, datamodule_from_checkpoint, per_image_table
+from busi_mtl.data.datamodule import BUSIDataModule
+from busi_mtl.evaluate import aggregate, datamodule_from_checkpoint, native_outputs, per_image_table
 from busi_mtl.metrics import per_image_scores
 from busi_mtl.models.module import MultiTaskModule, load_module, read_checkpoint
 from busi_mtl.postprocess import PostProcess
@@ -189,21 +190,31 @@ def tune(oof: Predictions, grid: DictConfig) -> tuple[float, PostProcess, pd.Dat
 
 
 def score(
-    pred: Predictions, threshold: float, postprocess: PostProcess, score_weights: dict[str, float]
-) -> tuple[dict, list[dict]]:
-    """Metrics (as busi_mtl.evaluate reports them) and the per-image outputs they came from."""
+    pred: Predictions,
+    threshold: float,
+    postprocess: PostProcess,
+    score_weights: dict[str, float],
+    native_data: BUSIDataModule | None = None,
+) -> tuple[dict, list[dict], list[dict] | None]:
+    """Metrics (as busi_mtl.evaluate reports them), the per-image outputs they came from and, with
+    ``native_data`` (the datamodule of those images), the outputs at full size behind ``native_*``."""
     masks = (pred.lesion_probs > threshold).unsqueeze(1)
     outputs = [
         {
             "id": pred.ids,
             "label": pred.labels,
             "probs": pred.class_probs,
+            "lesion_prob": pred.lesion_probs,
             "pred_mask": masks[:, 0],
             "pp_mask": postprocess(masks, pred.class_probs)[:, 0],
             "true_mask": pred.true_masks,
         }
     ]
-    return aggregate(outputs, score_weights, postprocess.enabled), outputs
+    native = None
+    if native_data is not None:
+        keep_aspect = native_data.preprocessing.keep_aspect
+        native = native_outputs(outputs, native_data.manifest, keep_aspect, threshold, postprocess)
+    return aggregate(outputs, score_weights, postprocess.enabled, native), outputs, native
 
 
 @task_wrapper
@@ -256,7 +267,7 @@ def ensemble(cfg: DictConfig) -> dict:
             )
         threshold, postprocess, grid = tune(oof, cfg.grid)
         grid.to_csv(out / "oof_grid.csv", index=False)
-        tuned, oof_outputs = score(oof, threshold, postprocess, score_weights)
+        tuned, oof_outputs, _ = score(oof, threshold, postprocess, score_weights)
         per_image_table(oof_outputs).to_csv(out / "oof_per_image.csv", index=False)
         report["oof"] = {
             "n_images": len(oof.ids),
@@ -271,13 +282,15 @@ def ensemble(cfg: DictConfig) -> dict:
     report["chosen"] = {"threshold": threshold, **asdict(postprocess)}
     member_scores = [score(m, threshold, postprocess, score_weights)[0] for m in members]
     combined = average(members)
-    values, outputs = score(combined, threshold, postprocess, score_weights)
+    values, outputs, native = score(
+        combined, threshold, postprocess, score_weights, data if cfg.native else None
+    )
     report[cfg.split] = values
     frame = pd.DataFrame(member_scores).reindex(columns=list(MEMBER_KEYS))
     report["member_mean"], report["member_std"] = frame.mean().to_dict(), frame.std(ddof=1).to_dict()
     report["member_metrics"] = member_scores
     report["n_images"] = len(combined.ids)
-    per_image_table(outputs).to_csv(out / "per_image.csv", index=False)
+    per_image_table(outputs, native).to_csv(out / "per_image.csv", index=False)
     write_json(out / "metrics.json", report)
     save_run_info(out)
     shown = {

@@ -6,6 +6,11 @@ the config; only where the data is and how it is split can be overridden. Writes
 ``confusion_matrix.png``, ``roc.png`` (per class), ``dice_distribution.png`` (per class),
 ``gallery.png`` (examples of every class) and ``worst_cases.png`` (lowest Dice, confident errors,
 false-positive normals).
+
+Metrics are computed at the network's resolution (the ``image_size`` square, true masks area-resized
+and thresholded at 0.5), as in training; with ``native=true`` (the default) the ``native_*`` metrics
+also score the masks at each image's own size, as :mod:`busi_mtl.predict` writes them, against the
+mask files themselves.
 """
 
 from __future__ import annotations
@@ -27,7 +32,9 @@ from sklearn.metrics import roc_auc_score
 
 from busi_mtl.callbacks import pick_gallery_indices
 from busi_mtl.data import BENIGN, CLASSES, MALIGNANT, NORMAL
+from busi_mtl.data.busi import load_mask
 from busi_mtl.data.datamodule import BUSIDataModule
+from busi_mtl.data.transforms import restore_size
 from busi_mtl.metrics import SegmentationMetrics, classification_metrics, confusion_matrix, per_image_scores
 from busi_mtl.models.module import load_module, read_checkpoint
 from busi_mtl.postprocess import PostProcess
@@ -61,8 +68,37 @@ def datamodule_from_checkpoint(ckpt: dict, overrides: dict, split: str, output_d
     return datamodule
 
 
-def per_image_table(outputs: list[dict]) -> pd.DataFrame:
-    """One row per image: id, true/predicted class, probabilities, Dice, IoU, predicted lesion pixels."""
+def native_outputs(
+    outputs: list[dict], manifest: pd.DataFrame, keep_aspect: bool, threshold: float, postprocess: PostProcess
+) -> list[dict]:
+    """The outputs at each image's own size, one dict per image (masks (1, H, W)): the lesion probability
+    map resized back as :mod:`busi_mtl.predict` does, thresholded and post-processed there, and the true
+    mask read from the image's mask files, so a lesion too small to survive the resize still counts."""
+    rows = manifest.set_index("id")
+    native = []
+    for o in outputs:
+        for k, image_id in enumerate(o["id"]):
+            row = rows.loc[image_id]
+            height, width = int(row["height"]), int(row["width"])
+            prob = restore_size(o["lesion_prob"][k].numpy(), height, width, keep_aspect)
+            mask, probs = torch.from_numpy(prob > threshold)[None], o["probs"][k : k + 1]
+            true = load_mask(row["mask_paths"], (height, width)).astype(bool)
+            native.append(
+                {
+                    "id": [image_id],
+                    "label": o["label"][k : k + 1],
+                    "probs": probs,
+                    "pred_mask": mask,
+                    "pp_mask": postprocess(mask[None], probs)[0],
+                    "true_mask": torch.from_numpy(true)[None],
+                }
+            )
+    return native
+
+
+def per_image_table(outputs: list[dict], native: list[dict] | None = None) -> pd.DataFrame:
+    """One row per image: id, true/predicted class, probabilities, Dice, IoU, predicted lesion pixels;
+    with ``native`` (:func:`native_outputs` of the same outputs) also the Dice at the image's own size."""
     probs = torch.cat([o["probs"] for o in outputs])
     preds, masks = torch.cat([o["pred_mask"] for o in outputs]), torch.cat([o["true_mask"] for o in outputs])
     dice, iou = per_image_scores(preds, masks)
@@ -83,6 +119,9 @@ def per_image_table(outputs: list[dict]) -> pd.DataFrame:
             "true_lesion_px": masks.flatten(1).sum(1).numpy(),
         }
     )
+    if native is not None:
+        for column, key in (("native_dice", "pred_mask"), ("native_pp_dice", "pp_mask")):
+            table[column] = [float(per_image_scores(o[key], o["true_mask"])[0][0]) for o in native]
     return table
 
 
@@ -103,22 +142,39 @@ def benign_vs_malignant(outputs: list[dict]) -> dict[str, float]:
     }
 
 
-def aggregate(outputs: list[dict], score_weights: dict[str, float], postprocessed: bool) -> dict:
-    """The same metric definitions as training (busi_mtl.metrics) over all predicted images; ``pp_*``
-    from the outputs' post-processed masks when ``postprocessed``; ``score`` as the monitor weighs it."""
-    seg, pp, cls = SegmentationMetrics(), SegmentationMetrics(), classification_metrics(len(CLASSES))
-    cm = confusion_matrix(len(CLASSES))
+def segmentation_values(outputs: list[dict], postprocessed: bool) -> dict[str, float]:
+    """The segmentation metrics of busi_mtl.metrics over all outputs; ``pp_*`` from the post-processed
+    masks when ``postprocessed``."""
+    seg, pp = SegmentationMetrics(), SegmentationMetrics()
     for o in outputs:
         seg.update(o["pred_mask"], o["true_mask"], o["label"])
         pp.update(o["pp_mask"], o["true_mask"], o["label"])
-        cls.update(o["probs"], o["label"])
-        cm.update(o["probs"], o["label"])
-    values = {k: float(v) for k, v in {**seg.compute(), **cls.compute()}.items()}
+    values = {k: float(v) for k, v in seg.compute().items()}
     if postprocessed:
         values.update({f"pp_{k}": float(v) for k, v in pp.compute().items() if not k.startswith("n_")})
+    return values
+
+
+def aggregate(
+    outputs: list[dict],
+    score_weights: dict[str, float],
+    postprocessed: bool,
+    native: list[dict] | None = None,
+) -> dict:
+    """The same metric definitions as training (busi_mtl.metrics) over all predicted images; ``pp_*``
+    from the outputs' post-processed masks when ``postprocessed``; ``score`` as the monitor weighs it;
+    with ``native`` (:func:`native_outputs`) also ``native_*``, the segmentation metrics at full size."""
+    cls, cm = classification_metrics(len(CLASSES)), confusion_matrix(len(CLASSES))
+    for o in outputs:
+        cls.update(o["probs"], o["label"])
+        cm.update(o["probs"], o["label"])
+    values = segmentation_values(outputs, postprocessed)
+    values.update({k: float(v) for k, v in cls.compute().items()})
     values["score"] = sum(w * values[k] for k, w in score_weights.items())
     values.update(benign_vs_malignant(outputs))
     values["confusion_matrix"] = cm.compute().long().tolist()
+    if native is not None:
+        values.update({f"native_{k}": v for k, v in segmentation_values(native, postprocessed).items()})
     return values
 
 
@@ -175,13 +231,18 @@ def evaluate(cfg: DictConfig) -> dict:
     datamodule = datamodule_from_checkpoint(ckpt, overrides, cfg.split, out)
     trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, logger=False, callbacks=[RichProgressBar()])
     outputs = trainer.predict(module, dataloaders=datamodule.dataloader(cfg.split))
+    native = None
+    if cfg.native:
+        keep_aspect = datamodule.preprocessing.keep_aspect
+        threshold = module.hparams.threshold
+        native = native_outputs(outputs, datamodule.manifest, keep_aspect, threshold, module.postprocess)
 
-    table = per_image_table(outputs)
+    table = per_image_table(outputs, native)
     metrics = {
         "ckpt_path": str(ckpt_path),
         "split": cfg.split,
         "n_images": len(table),
-        cfg.split: aggregate(outputs, module.score_weights, module.postprocess.enabled),
+        cfg.split: aggregate(outputs, module.score_weights, module.postprocess.enabled, native),
     }
     table.to_csv(out / "per_image.csv", index=False)
     write_json(out / "metrics.json", metrics)

@@ -158,6 +158,7 @@ class MultiTaskModule(pl.LightningModule):
             "id": list(batch["id"]),
             "label": batch["label"].cpu(),
             "probs": probs.cpu(),
+            "lesion_prob": mask_logits[:, 0].float().sigmoid().cpu(),
             "pred_mask": preds[:, 0].cpu(),
             "pp_mask": self.postprocess(preds, probs)[:, 0].cpu(),
             "true_mask": batch["mask"][:, 0].bool().cpu(),
