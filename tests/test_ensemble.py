@@ -52,8 +52,10 @@ def test_cv_ensemble_tunes_out_of_fold_and_reports_the_test_split(cv_sweep, tmp_
     )
     assert report["oof"]["all_image_dice"] == pytest.approx(grid["all_image_dice"].max())
     assert report["chosen"]["threshold"] in defaults.threshold
-    for key in ("dice", "f1", "auroc", "pp_dice", "pp_normal_empty_rate"):
+    for key in ("dice", "f1", "auroc", "pp_dice", "pp_normal_empty_rate", "native_dice"):
         assert key in report["test"], key
+    low, high = report["ci95"]["dice"]  # the ensemble's test Dice, bootstrapped by duplicate group
+    assert low <= report["test"]["dice"] <= high and report["bootstrap"]["groups"] <= len(table)
     assert json.loads((out / "metrics.json").read_text())["chosen"] == report["chosen"]
 
 

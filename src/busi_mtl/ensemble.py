@@ -14,8 +14,10 @@
    augmentation, then thresholded and post-processed with the chosen settings.
 
 Writes to the run directory: ``metrics.json`` (the chosen settings; the ensemble's metrics raw and
-post-processed, at the network's resolution and, as ``native_*``, at each image's own size; every member's metrics under the same settings, and their mean and std, so that the gain of
-ensembling shows apart from the gain of post-processing; the OOF figures), ``oof_grid.csv`` (the objective
+post-processed, at the network's resolution and, as ``native_*``, at each image's own size, with their
+95% bootstrap intervals (``ci95``, resampling near-duplicate groups); every member's metrics under the
+same settings, and their mean and std, so that the gain of ensembling shows apart from the gain of
+post-processing; the OOF figures), ``oof_grid.csv`` (the objective
 for every setting tried), ``oof_per_image.csv`` (the out-of-fold per-image results under the chosen
 settings) and ``per_image.csv`` (the ensemble's per-image results).
 Members must share the image size, the image geometry (``data.keep_aspect``) and the test split (folds of
@@ -38,7 +40,14 @@ from omegaconf import DictConfig, OmegaConf
 
 from busi_mtl.data import NORMAL
 from busi_mtl.data.datamodule import BUSIDataModule
-from busi_mtl.evaluate import aggregate, datamodule_from_checkpoint, native_outputs, per_image_table
+from busi_mtl.evaluate import (
+    aggregate,
+    confidence_intervals,
+    datamodule_from_checkpoint,
+    interval_columns,
+    native_outputs,
+    per_image_table,
+)
 from busi_mtl.metrics import per_image_scores
 from busi_mtl.models.module import MultiTaskModule, load_module, read_checkpoint
 from busi_mtl.postprocess import PostProcess
@@ -290,13 +299,20 @@ def ensemble(cfg: DictConfig) -> dict:
     report["member_mean"], report["member_std"] = frame.mean().to_dict(), frame.std(ddof=1).to_dict()
     report["member_metrics"] = member_scores
     report["n_images"] = len(combined.ids)
-    per_image_table(outputs, native).to_csv(out / "per_image.csv", index=False)
+    table = per_image_table(outputs, native)
+    if cfg.bootstrap:
+        report.update(confidence_intervals(table, data, cfg.bootstrap, cfg.seed, score_weights))
+    table.to_csv(out / "per_image.csv", index=False)
     write_json(out / "metrics.json", report)
     save_run_info(out)
     shown = {
         "ensemble": {k: values.get(k) for k in MEMBER_KEYS},
         "members (mean)": report["member_mean"],
         "members (std)": report["member_std"],
+        **{
+            name: {k: v for k, v in bounds.items() if k in MEMBER_KEYS}
+            for name, bounds in interval_columns(report).items()
+        },
     }
     print_metrics(shown, title=f"{len(paths)}-member ensemble on {cfg.split} ({report['chosen']})")
     log.info("Ensemble evaluation written to %s", out)

@@ -10,7 +10,8 @@ false-positive normals).
 Metrics are computed at the network's resolution (the ``image_size`` square, true masks area-resized
 and thresholded at 0.5), as in training; with ``native=true`` (the default) the ``native_*`` metrics
 also score the masks at each image's own size, as :mod:`busi_mtl.predict` writes them, against the
-mask files themselves.
+mask files themselves. ``metrics.json`` also holds ``ci95``, 95% intervals of the headline metrics from
+a bootstrap over near-duplicate groups (:mod:`busi_mtl.bootstrap`; ``bootstrap=0`` skips it).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import RichProgressBar
 from sklearn.metrics import roc_auc_score
 
+from busi_mtl.bootstrap import bootstrap_intervals
 from busi_mtl.callbacks import pick_gallery_indices
 from busi_mtl.data import BENIGN, CLASSES, MALIGNANT, NORMAL
 from busi_mtl.data.busi import load_mask
@@ -178,6 +180,36 @@ def aggregate(
     return values
 
 
+def confidence_intervals(
+    table: pd.DataFrame, datamodule: BUSIDataModule, resamples: int, seed: int, score_weights: dict
+) -> dict:
+    """``ci95`` (see :mod:`busi_mtl.bootstrap`) and how it was drawn, for metrics.json: the table's images
+    resampled by the near-duplicate group the datamodule's split assigned them."""
+    groups = datamodule.split_table.set_index("id").loc[table["id"], "group"].to_numpy()
+    return {
+        "ci95": bootstrap_intervals(table, groups, resamples, seed, score_weights),
+        "bootstrap": {
+            "resamples": resamples,
+            "seed": seed,
+            "unit": "near-duplicate group",
+            "groups": len(np.unique(groups)),
+        },
+    }
+
+
+def interval_columns(metrics: dict) -> dict[str, dict[str, float]]:
+    """The interval bounds as two extra columns for :func:`print_metrics` (none without ``ci95``)."""
+    intervals = metrics.get("ci95", {})
+    return (
+        {
+            "95% from": {k: lo for k, (lo, _) in intervals.items()},
+            "95% to": {k: hi for k, (_, hi) in intervals.items()},
+        }
+        if intervals
+        else {}
+    )
+
+
 def worst_cases(table: pd.DataFrame, count: int) -> list[int]:
     """Rows to inspect first: lesion images with the lowest Dice, then confident misclassifications,
     then normal images with the largest predicted lesion, interleaved so each kind is shown."""
@@ -244,6 +276,8 @@ def evaluate(cfg: DictConfig) -> dict:
         "n_images": len(table),
         cfg.split: aggregate(outputs, module.score_weights, module.postprocess.enabled, native),
     }
+    if cfg.bootstrap:
+        metrics.update(confidence_intervals(table, datamodule, cfg.bootstrap, cfg.seed, module.score_weights))
     table.to_csv(out / "per_image.csv", index=False)
     write_json(out / "metrics.json", metrics)
     save_run_info(out)
@@ -263,7 +297,9 @@ def evaluate(cfg: DictConfig) -> dict:
     examples = pick_gallery_indices(dataset.labels[dataset.indices], cfg.gallery_size)
     plt.imsave(out / "gallery.png", gallery(dataset, table, preds, examples))
     plt.imsave(out / "worst_cases.png", gallery(dataset, table, preds, worst_cases(table, cfg.gallery_size)))
-    print_metrics({cfg.split: metrics[cfg.split]}, title=f"{ckpt_path.name} on {cfg.split}")
+    print_metrics(
+        {cfg.split: metrics[cfg.split], **interval_columns(metrics)}, title=f"{ckpt_path.name} on {cfg.split}"
+    )
     log.info("Evaluation written to %s", out)
     return metrics
 

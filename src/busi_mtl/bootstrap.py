@@ -1,0 +1,108 @@
+"""95% bootstrap intervals for an evaluation's headline metrics, resampling near-duplicate groups.
+
+A test split of about a hundred images (18 of them normal on BUSI) leaves every figure uncertain by a few
+points; an interval says by how much. Images are resampled by the audit's near-duplicate group (a cluster
+bootstrap), not one by one: re-crops and adjacent frames of one scan are not independent evidence, so
+counting them separately would make the intervals too narrow. Percentile intervals over ``resamples``
+draws, seeded; a draw in which a metric is undefined (no normal image, a class missing for AUROC) is
+left out of that metric's interval.
+
+The metrics are recomputed from ``per_image.csv``'s columns with the definitions of
+:mod:`busi_mtl.metrics` (per-image lesion Dice averaged over benign + malignant images, macro F1 over
+the classes present in truth or prediction, macro one-vs-rest AUROC), so on the full table they give
+the reported values; in numpy on arrays, as a thousand draws through torchmetrics or scikit-learn's
+input checks would take seconds per evaluation.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from scipy.stats import rankdata
+
+from busi_mtl.data import CLASSES
+
+#: Per-image lesion scores in per_image.csv, averaged over lesion images.
+LESION_COLUMNS = ("dice", "iou", "pp_dice", "native_dice", "native_pp_dice")
+#: Predicted lesion area columns, and the normal-image empty rate each gives.
+EMPTY_RATES = {"pred_lesion_px": "normal_empty_rate", "pp_lesion_px": "pp_normal_empty_rate"}
+
+
+def _columns(table: pd.DataFrame) -> dict[str, np.ndarray]:
+    """The table's columns the metrics need, as arrays (classes as indices, areas as "empty")."""
+    columns = {
+        "truth": table["class"].map(CLASSES.index).to_numpy(),
+        "pred": table["pred_class"].map(CLASSES.index).to_numpy(),
+        "probs": table[[f"p_{c}" for c in CLASSES]].to_numpy(float),
+    }
+    columns |= {c: table[c].to_numpy(float) for c in LESION_COLUMNS if c in table}
+    return columns | {c: table[c].to_numpy() == 0 for c in EMPTY_RATES if c in table}
+
+
+def _macro_f1(truth: np.ndarray, pred: np.ndarray) -> float:
+    """Macro F1 ``2TP / (2TP + FP + FN)`` over the classes present in truth or prediction."""
+    k = len(CLASSES)
+    counts = np.bincount(truth * k + pred, minlength=k * k).reshape(k, k)
+    both = counts.sum(0) + counts.sum(1)  # 2TP + FP + FN per class
+    present = both > 0
+    return float((2 * np.diag(counts)[present] / both[present]).mean())
+
+
+def _macro_auroc(truth: np.ndarray, probs: np.ndarray) -> float:
+    """One-vs-rest ROC AUC (Mann-Whitney, ties halved), macro over classes; NaN if one is absent."""
+    aucs = []
+    for c in range(len(CLASSES)):
+        positive = truth == c
+        n_pos, n_neg = int(positive.sum()), int((~positive).sum())
+        if not n_pos or not n_neg:
+            return float("nan")
+        ranks = rankdata(probs[:, c])
+        aucs.append((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+    return float(np.mean(aucs))
+
+
+def _metrics(columns: dict[str, np.ndarray], score_weights: dict[str, float] | None) -> dict[str, float]:
+    lesion = columns["truth"] != CLASSES.index("normal")
+    values = {}
+    for column in LESION_COLUMNS:
+        if column in columns:
+            scores = columns[column][lesion]
+            values[column] = float(np.nanmean(scores)) if np.isfinite(scores).any() else float("nan")
+    for column, name in EMPTY_RATES.items():
+        if column in columns:
+            values[name] = float(columns[column][~lesion].mean()) if (~lesion).any() else float("nan")
+    values["acc"] = float((columns["truth"] == columns["pred"]).mean())
+    values["f1"] = _macro_f1(columns["truth"], columns["pred"])
+    values["auroc"] = _macro_auroc(columns["truth"], columns["probs"])
+    if score_weights and all(k in values for k in score_weights):
+        values["score"] = sum(w * values[k] for k, w in score_weights.items())
+    return values
+
+
+def table_metrics(table: pd.DataFrame, score_weights: dict[str, float] | None = None) -> dict[str, float]:
+    """The headline metrics of a per-image table (NaN where undefined); ``score`` when its parts are in."""
+    return _metrics(_columns(table), score_weights)
+
+
+def bootstrap_intervals(
+    table: pd.DataFrame,
+    groups: np.ndarray,
+    resamples: int = 1000,
+    seed: int = 0,
+    score_weights: dict[str, float] | None = None,
+) -> dict[str, list[float]]:
+    """``{metric: [2.5th, 97.5th percentile]}`` over ``resamples`` draws of whole groups with replacement
+    (``groups``: one label per table row); a metric undefined in every draw gets ``[nan, nan]``."""
+    if len(groups) != len(table):
+        raise ValueError(f"got {len(groups)} group labels for {len(table)} images")
+    _, codes = np.unique(groups, return_inverse=True)
+    members = [np.flatnonzero(codes == g) for g in range(codes.max() + 1)]
+    columns, rng, draws = _columns(table), np.random.default_rng(seed), []
+    for _ in range(resamples):
+        rows = np.concatenate([members[g] for g in rng.integers(len(members), size=len(members))])
+        draws.append(_metrics({name: array[rows] for name, array in columns.items()}, score_weights))
+    frame = pd.DataFrame(draws)
+    return {
+        name: [float(v) for v in np.nanpercentile(col, [2.5, 97.5])] if col.notna().any() else [np.nan] * 2
+        for name, col in frame.items()
+    }
