@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -12,7 +13,7 @@ import torch
 from busi_mtl.data import BENIGN
 from busi_mtl.data.busi import load_image, load_mask, scan_busi
 from busi_mtl.data.synthetic import generate_busi
-from busi_mtl.evaluate import aggregate, evaluate, native_outputs
+from busi_mtl.evaluate import aggregate, confidence_intervals, evaluate, native_outputs
 from busi_mtl.metrics import per_image_scores
 from busi_mtl.models.module import read_checkpoint
 from busi_mtl.postprocess import PostProcess
@@ -96,6 +97,25 @@ def test_native_metrics_count_a_lesion_the_resize_lost(tmp_path):
     values = aggregate(outputs, {"dice": 1.0}, postprocessed=False, native=native)
     assert values["n_lesion_images"] == 0 and np.isnan(values["dice"])
     assert values["native_n_lesion_images"] == 1 and values["native_dice"] == 0
+
+
+def test_intervals_resample_by_the_audit_duplicate_groups():
+    # Rows are matched to the manifest by id; "a" and "b" are one scan, so 3 images are 2 cases.
+    datamodule = SimpleNamespace(
+        manifest=pd.DataFrame({"id": ["a", "b", "c", "d"]}), duplicate_groups=np.array([0, 0, 1, 2])
+    )
+    table = pd.DataFrame(
+        {
+            "id": ["d", "a", "b"],
+            "class": ["benign"] * 3,
+            "pred_class": ["benign"] * 3,
+            **{f"p_{c}": [1 / 3] * 3 for c in ("normal", "benign", "malignant")},
+            "dice": [0.2, 0.9, 0.9],
+        }
+    )
+    out = confidence_intervals(table, datamodule, resamples=200, seed=0, score_weights={"dice": 1.0})
+    assert out["bootstrap"] == {"resamples": 200, "seed": 0, "unit": "near-duplicate group", "groups": 2}
+    assert out["ci95"]["dice"] == pytest.approx([0.2, 0.9])  # either case alone, or both (0.667)
 
 
 def test_evaluate_a_whole_folder(trained_run, synthetic_busi, tmp_path):

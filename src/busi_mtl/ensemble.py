@@ -17,9 +17,9 @@ Writes to the run directory: ``metrics.json`` (the chosen settings; the ensemble
 post-processed, at the network's resolution and, as ``native_*``, at each image's own size, with their
 95% bootstrap intervals (``ci95``, resampling near-duplicate groups); every member's metrics under the
 same settings, and their mean and std, so that the gain of ensembling shows apart from the gain of
-post-processing; the OOF figures), ``oof_grid.csv`` (the objective
-for every setting tried), ``oof_per_image.csv`` (the out-of-fold per-image results under the chosen
-settings) and ``per_image.csv`` (the ensemble's per-image results).
+post-processing; the OOF figures), ``oof_grid.csv`` (the objective for every setting tried),
+``oof_per_image.csv`` (the out-of-fold per-image results under the chosen settings) and
+``per_image.csv`` (the ensemble's per-image results).
 Members must share the image size, the image geometry (``data.keep_aspect``) and the test split (folds of
 one CV run do, and so do CVs that differ only in seed, model, loss or intensity preprocessing).
 """

@@ -184,8 +184,9 @@ def confidence_intervals(
     table: pd.DataFrame, datamodule: BUSIDataModule, resamples: int, seed: int, score_weights: dict
 ) -> dict:
     """``ci95`` (see :mod:`busi_mtl.bootstrap`) and how it was drawn, for metrics.json: the table's images
-    resampled by the near-duplicate group the datamodule's split assigned them."""
-    groups = datamodule.split_table.set_index("id").loc[table["id"], "group"].to_numpy()
+    resampled by their near-duplicate group (the audit's, even where the split ignored them)."""
+    position = pd.Series(range(len(datamodule.manifest)), index=datamodule.manifest["id"])
+    groups = datamodule.duplicate_groups[position.loc[table["id"]].to_numpy()]
     return {
         "ci95": bootstrap_intervals(table, groups, resamples, seed, score_weights),
         "bootstrap": {

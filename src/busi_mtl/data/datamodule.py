@@ -181,6 +181,8 @@ class BUSIDataModule(pl.LightningDataModule):
         self.manifest: pd.DataFrame | None = None
         self.arrays: CachedArrays | None = None
         self.split_table: pd.DataFrame | None = None
+        #: The audit's near-duplicate group of every manifest row, whether or not the split used them.
+        self.duplicate_groups: np.ndarray | None = None
         self.datasets: dict[str, BUSIDataset] = {}
         self.class_weights = torch.ones(len(CLASSES))
         self.pixel_mean, self.pixel_std = 0.5, 0.25
@@ -206,6 +208,7 @@ class BUSIDataModule(pl.LightningDataModule):
         hp = self.hparams
         self._load_arrays()
         dup_groups = duplicate_groups(self.arrays.hashes, hp.dup_threshold)
+        self.duplicate_groups = dup_groups
         if hp.split_file:
             table = read_split_file(hp.split_file, self.manifest, dup_groups)
             source = f"data.split_file={hp.split_file}"
