@@ -13,7 +13,7 @@ import torch
 from busi_mtl.data import BENIGN
 from busi_mtl.data.busi import load_image, load_mask, scan_busi
 from busi_mtl.data.synthetic import generate_busi
-from busi_mtl.evaluate import aggregate, confidence_intervals, evaluate, native_outputs
+from busi_mtl.evaluate import aggregate, confidence_intervals, evaluate, native_scores
 from busi_mtl.metrics import per_image_scores
 from busi_mtl.models.module import read_checkpoint
 from busi_mtl.postprocess import PostProcess
@@ -92,11 +92,12 @@ def test_native_metrics_count_a_lesion_the_resize_lost(tmp_path):
             "true_mask": torch.zeros(1, 64, 64, dtype=torch.bool),
         }
     ]
-    native = native_outputs(outputs, manifest, keep_aspect=False, threshold=0.5, postprocess=PostProcess())
-    assert native[0]["true_mask"].shape == (1, 320, 320) and int(native[0]["true_mask"].sum()) == 9
-    values = aggregate(outputs, {"dice": 1.0}, postprocessed=False, native=native)
+    values = aggregate(outputs, {"dice": 1.0}, postprocessed=False)
     assert values["n_lesion_images"] == 0 and np.isnan(values["dice"])
-    assert values["native_n_lesion_images"] == 1 and values["native_dice"] == 0
+    native, per_image = native_scores(outputs, manifest, False, 0.5, PostProcess())
+    assert native["native_n_lesion_images"] == 1 and native["native_dice"] == 0
+    assert native["native_dice_micro"] == 0 and per_image["native_dice"].tolist() == [0.0]
+    assert "native_pp_dice" not in native  # no post-processing configured
 
 
 def test_intervals_resample_by_the_audit_duplicate_groups():

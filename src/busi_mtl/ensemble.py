@@ -39,13 +39,12 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from busi_mtl.data import NORMAL
-from busi_mtl.data.datamodule import BUSIDataModule
 from busi_mtl.evaluate import (
     aggregate,
     confidence_intervals,
     datamodule_from_checkpoint,
     interval_columns,
-    native_outputs,
+    native_scores,
     per_image_table,
 )
 from busi_mtl.metrics import per_image_scores
@@ -199,14 +198,9 @@ def tune(oof: Predictions, grid: DictConfig) -> tuple[float, PostProcess, pd.Dat
 
 
 def score(
-    pred: Predictions,
-    threshold: float,
-    postprocess: PostProcess,
-    score_weights: dict[str, float],
-    native_data: BUSIDataModule | None = None,
-) -> tuple[dict, list[dict], list[dict] | None]:
-    """Metrics (as busi_mtl.evaluate reports them), the per-image outputs they came from and, with
-    ``native_data`` (the datamodule of those images), the outputs at full size behind ``native_*``."""
+    pred: Predictions, threshold: float, postprocess: PostProcess, score_weights: dict[str, float]
+) -> tuple[dict, list[dict]]:
+    """Metrics (as busi_mtl.evaluate reports them) and the per-image outputs they came from."""
     masks = (pred.lesion_probs > threshold).unsqueeze(1)
     outputs = [
         {
@@ -219,11 +213,7 @@ def score(
             "true_mask": pred.true_masks,
         }
     ]
-    native = None
-    if native_data is not None:
-        keep_aspect = native_data.preprocessing.keep_aspect
-        native = native_outputs(outputs, native_data.manifest, keep_aspect, threshold, postprocess)
-    return aggregate(outputs, score_weights, postprocess.enabled, native), outputs, native
+    return aggregate(outputs, score_weights, postprocess.enabled), outputs
 
 
 @task_wrapper
@@ -276,7 +266,7 @@ def ensemble(cfg: DictConfig) -> dict:
             )
         threshold, postprocess, grid = tune(oof, cfg.grid)
         grid.to_csv(out / "oof_grid.csv", index=False)
-        tuned, oof_outputs, _ = score(oof, threshold, postprocess, score_weights)
+        tuned, oof_outputs = score(oof, threshold, postprocess, score_weights)
         per_image_table(oof_outputs).to_csv(out / "oof_per_image.csv", index=False)
         report["oof"] = {
             "n_images": len(oof.ids),
@@ -291,15 +281,18 @@ def ensemble(cfg: DictConfig) -> dict:
     report["chosen"] = {"threshold": threshold, **asdict(postprocess)}
     member_scores = [score(m, threshold, postprocess, score_weights)[0] for m in members]
     combined = average(members)
-    values, outputs, native = score(
-        combined, threshold, postprocess, score_weights, data if cfg.native else None
-    )
+    values, outputs = score(combined, threshold, postprocess, score_weights)
+    table = per_image_table(outputs)
+    if cfg.native:
+        keep_aspect = data.preprocessing.keep_aspect
+        native_values, native = native_scores(outputs, data.manifest, keep_aspect, threshold, postprocess)
+        values |= native_values
+        table = pd.concat([table, native], axis=1)
     report[cfg.split] = values
     frame = pd.DataFrame(member_scores).reindex(columns=list(MEMBER_KEYS))
     report["member_mean"], report["member_std"] = frame.mean().to_dict(), frame.std(ddof=1).to_dict()
     report["member_metrics"] = member_scores
     report["n_images"] = len(combined.ids)
-    table = per_image_table(outputs, native)
     if cfg.bootstrap:
         report.update(confidence_intervals(table, data, cfg.bootstrap, cfg.seed, score_weights))
     table.to_csv(out / "per_image.csv", index=False)

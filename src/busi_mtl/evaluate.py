@@ -70,37 +70,43 @@ def datamodule_from_checkpoint(ckpt: dict, overrides: dict, split: str, output_d
     return datamodule
 
 
-def native_outputs(
+def native_scores(
     outputs: list[dict], manifest: pd.DataFrame, keep_aspect: bool, threshold: float, postprocess: PostProcess
-) -> list[dict]:
-    """The outputs at each image's own size, one dict per image (masks (1, H, W)): the lesion probability
-    map resized back as :mod:`busi_mtl.predict` does, thresholded and post-processed there, and the true
-    mask read from the image's mask files, so a lesion too small to survive the resize still counts."""
+) -> tuple[dict[str, float], pd.DataFrame]:
+    """The segmentation metrics at each image's own size (``native_*``; ``native_pp_*`` when
+    ``postprocess`` is enabled) and the per-image ``native_dice`` / ``native_pp_dice``, in outputs order.
+
+    Each lesion probability map is resized back as :mod:`busi_mtl.predict` does, thresholded and
+    post-processed there, and scored against the union of the image's mask files, so a lesion too small
+    to survive the resize still counts. Images are scored one at a time: full-size masks are not kept.
+    """
     rows = manifest.set_index("id")
-    native = []
+    seg, pp, per_image = SegmentationMetrics(), SegmentationMetrics(), []
     for o in outputs:
         for k, image_id in enumerate(o["id"]):
             row = rows.loc[image_id]
             height, width = int(row["height"]), int(row["width"])
             prob = restore_size(o["lesion_prob"][k].numpy(), height, width, keep_aspect)
-            mask, probs = torch.from_numpy(prob > threshold)[None], o["probs"][k : k + 1]
-            true = load_mask(row["mask_paths"], (height, width)).astype(bool)
-            native.append(
+            mask, probs = torch.from_numpy(prob > threshold)[None, None], o["probs"][k : k + 1]
+            processed = postprocess(mask, probs)
+            true = torch.from_numpy(load_mask(row["mask_paths"], (height, width)).astype(bool))[None, None]
+            label = o["label"][k : k + 1]
+            seg.update(mask, true, label)
+            pp.update(processed, true, label)
+            per_image.append(
                 {
-                    "id": [image_id],
-                    "label": o["label"][k : k + 1],
-                    "probs": probs,
-                    "pred_mask": mask,
-                    "pp_mask": postprocess(mask[None], probs)[0],
-                    "true_mask": torch.from_numpy(true)[None],
+                    "native_dice": float(per_image_scores(mask, true)[0][0]),
+                    "native_pp_dice": float(per_image_scores(processed, true)[0][0]),
                 }
             )
-    return native
+    values = {f"native_{k}": float(v) for k, v in seg.compute().items()}
+    if postprocess.enabled:
+        values |= {f"native_pp_{k}": float(v) for k, v in pp.compute().items() if not k.startswith("n_")}
+    return values, pd.DataFrame(per_image, columns=["native_dice", "native_pp_dice"])
 
 
-def per_image_table(outputs: list[dict], native: list[dict] | None = None) -> pd.DataFrame:
-    """One row per image: id, true/predicted class, probabilities, Dice, IoU, predicted lesion pixels;
-    with ``native`` (:func:`native_outputs` of the same outputs) also the Dice at the image's own size."""
+def per_image_table(outputs: list[dict]) -> pd.DataFrame:
+    """One row per image: id, true/predicted class, probabilities, Dice, IoU, predicted lesion pixels."""
     probs = torch.cat([o["probs"] for o in outputs])
     preds, masks = torch.cat([o["pred_mask"] for o in outputs]), torch.cat([o["true_mask"] for o in outputs])
     dice, iou = per_image_scores(preds, masks)
@@ -121,9 +127,6 @@ def per_image_table(outputs: list[dict], native: list[dict] | None = None) -> pd
             "true_lesion_px": masks.flatten(1).sum(1).numpy(),
         }
     )
-    if native is not None:
-        for column, key in (("native_dice", "pred_mask"), ("native_pp_dice", "pp_mask")):
-            table[column] = [float(per_image_scores(o[key], o["true_mask"])[0][0]) for o in native]
     return table
 
 
@@ -144,39 +147,22 @@ def benign_vs_malignant(outputs: list[dict]) -> dict[str, float]:
     }
 
 
-def segmentation_values(outputs: list[dict], postprocessed: bool) -> dict[str, float]:
-    """The segmentation metrics of busi_mtl.metrics over all outputs; ``pp_*`` from the post-processed
-    masks when ``postprocessed``."""
-    seg, pp = SegmentationMetrics(), SegmentationMetrics()
+def aggregate(outputs: list[dict], score_weights: dict[str, float], postprocessed: bool) -> dict:
+    """The same metric definitions as training (busi_mtl.metrics) over all predicted images; ``pp_*``
+    from the outputs' post-processed masks when ``postprocessed``; ``score`` as the monitor weighs it."""
+    seg, pp, cls = SegmentationMetrics(), SegmentationMetrics(), classification_metrics(len(CLASSES))
+    cm = confusion_matrix(len(CLASSES))
     for o in outputs:
         seg.update(o["pred_mask"], o["true_mask"], o["label"])
         pp.update(o["pp_mask"], o["true_mask"], o["label"])
-    values = {k: float(v) for k, v in seg.compute().items()}
-    if postprocessed:
-        values.update({f"pp_{k}": float(v) for k, v in pp.compute().items() if not k.startswith("n_")})
-    return values
-
-
-def aggregate(
-    outputs: list[dict],
-    score_weights: dict[str, float],
-    postprocessed: bool,
-    native: list[dict] | None = None,
-) -> dict:
-    """The same metric definitions as training (busi_mtl.metrics) over all predicted images; ``pp_*``
-    from the outputs' post-processed masks when ``postprocessed``; ``score`` as the monitor weighs it;
-    with ``native`` (:func:`native_outputs`) also ``native_*``, the segmentation metrics at full size."""
-    cls, cm = classification_metrics(len(CLASSES)), confusion_matrix(len(CLASSES))
-    for o in outputs:
         cls.update(o["probs"], o["label"])
         cm.update(o["probs"], o["label"])
-    values = segmentation_values(outputs, postprocessed)
-    values.update({k: float(v) for k, v in cls.compute().items()})
+    values = {k: float(v) for k, v in {**seg.compute(), **cls.compute()}.items()}
+    if postprocessed:
+        values.update({f"pp_{k}": float(v) for k, v in pp.compute().items() if not k.startswith("n_")})
     values["score"] = sum(w * values[k] for k, w in score_weights.items())
     values.update(benign_vs_malignant(outputs))
     values["confusion_matrix"] = cm.compute().long().tolist()
-    if native is not None:
-        values.update({f"native_{k}": v for k, v in segmentation_values(native, postprocessed).items()})
     return values
 
 
@@ -264,19 +250,20 @@ def evaluate(cfg: DictConfig) -> dict:
     datamodule = datamodule_from_checkpoint(ckpt, overrides, cfg.split, out)
     trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, logger=False, callbacks=[RichProgressBar()])
     outputs = trainer.predict(module, dataloaders=datamodule.dataloader(cfg.split))
-    native = None
-    if cfg.native:
-        keep_aspect = datamodule.preprocessing.keep_aspect
-        threshold = module.hparams.threshold
-        native = native_outputs(outputs, datamodule.manifest, keep_aspect, threshold, module.postprocess)
-
-    table = per_image_table(outputs, native)
+    table = per_image_table(outputs)
     metrics = {
         "ckpt_path": str(ckpt_path),
         "split": cfg.split,
         "n_images": len(table),
-        cfg.split: aggregate(outputs, module.score_weights, module.postprocess.enabled, native),
+        cfg.split: aggregate(outputs, module.score_weights, module.postprocess.enabled),
     }
+    if cfg.native:
+        keep_aspect, threshold = datamodule.preprocessing.keep_aspect, module.hparams.threshold
+        values, native = native_scores(
+            outputs, datamodule.manifest, keep_aspect, threshold, module.postprocess
+        )
+        metrics[cfg.split] |= values
+        table = pd.concat([table, native], axis=1)
     if cfg.bootstrap:
         metrics.update(confidence_intervals(table, datamodule, cfg.bootstrap, cfg.seed, module.score_weights))
     table.to_csv(out / "per_image.csv", index=False)
