@@ -94,7 +94,8 @@ def test_native_metrics_count_a_lesion_the_resize_lost(tmp_path):
     ]
     values = aggregate(outputs, {"dice": 1.0}, postprocessed=False)
     assert values["n_lesion_images"] == 0 and np.isnan(values["dice"])
-    native, per_image = native_scores(outputs, manifest, False, 0.5, PostProcess())
+    datamodule = SimpleNamespace(manifest=manifest, preprocessing=SimpleNamespace(keep_aspect=False))
+    native, per_image = native_scores(outputs, datamodule, 0.5, PostProcess())
     assert native["native_n_lesion_images"] == 1 and native["native_dice"] == 0
     assert native["native_dice_micro"] == 0 and per_image["native_dice"].tolist() == [0.0]
     assert "native_pp_dice" not in native  # no post-processing configured

@@ -284,8 +284,7 @@ def ensemble(cfg: DictConfig) -> dict:
     values, outputs = score(combined, threshold, postprocess, score_weights)
     table = per_image_table(outputs)
     if cfg.native:
-        keep_aspect = data.preprocessing.keep_aspect
-        native_values, native = native_scores(outputs, data.manifest, keep_aspect, threshold, postprocess)
+        native_values, native = native_scores(outputs, data, threshold, postprocess)
         values |= native_values
         table = pd.concat([table, native], axis=1)
     report[cfg.split] = values

@@ -71,16 +71,17 @@ def datamodule_from_checkpoint(ckpt: dict, overrides: dict, split: str, output_d
 
 
 def native_scores(
-    outputs: list[dict], manifest: pd.DataFrame, keep_aspect: bool, threshold: float, postprocess: PostProcess
+    outputs: list[dict], datamodule: BUSIDataModule, threshold: float, postprocess: PostProcess
 ) -> tuple[dict[str, float], pd.DataFrame]:
     """The segmentation metrics at each image's own size (``native_*``; ``native_pp_*`` when
-    ``postprocess`` is enabled) and the per-image ``native_dice`` / ``native_pp_dice``, in outputs order.
+    ``postprocess`` is enabled) and the per-image ``native_dice`` / ``native_pp_dice``, in outputs order;
+    the image sizes, mask files and geometry come from the datamodule that produced the outputs.
 
     Each lesion probability map is resized back as :mod:`busi_mtl.predict` does, thresholded and
     post-processed there, and scored against the union of the image's mask files, so a lesion too small
     to survive the resize still counts. Images are scored one at a time: full-size masks are not kept.
     """
-    rows = manifest.set_index("id")
+    rows, keep_aspect = datamodule.manifest.set_index("id"), datamodule.preprocessing.keep_aspect
     seg, pp, per_image = SegmentationMetrics(), SegmentationMetrics(), []
     for o in outputs:
         for k, image_id in enumerate(o["id"]):
@@ -258,10 +259,7 @@ def evaluate(cfg: DictConfig) -> dict:
         cfg.split: aggregate(outputs, module.score_weights, module.postprocess.enabled),
     }
     if cfg.native:
-        keep_aspect, threshold = datamodule.preprocessing.keep_aspect, module.hparams.threshold
-        values, native = native_scores(
-            outputs, datamodule.manifest, keep_aspect, threshold, module.postprocess
-        )
+        values, native = native_scores(outputs, datamodule, module.hparams.threshold, module.postprocess)
         metrics[cfg.split] |= values
         table = pd.concat([table, native], axis=1)
     if cfg.bootstrap:
