@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 from sklearn.metrics import f1_score, roc_auc_score
 
-from busi_mtl.bootstrap import bootstrap_intervals, table_metrics
+from busi_mtl.bootstrap import bootstrap_intervals, paired_intervals, table_metrics
 from busi_mtl.data import CLASSES
 from busi_mtl.evaluate import evaluate
 
@@ -96,3 +96,28 @@ def test_intervals_are_seeded_and_skip_undefined_draws():
     assert np.isnan(first["normal_empty_rate"]).all() and np.isnan(first["auroc"]).all()  # no normal image
     with pytest.raises(ValueError, match="5 group labels for 6 images"):
         bootstrap_intervals(table, np.arange(5))
+
+
+def test_paired_intervals_draw_the_same_images_for_both():
+    # Each image is equally hard for both models; the candidate is 0.05 better on every one. Separately,
+    # the two intervals overlap widely; paired, every draw gives the same +0.05.
+    rng = np.random.default_rng(1)
+    hard = rng.uniform(0.3, 0.9, 40)
+    reference, candidate = _table(list(hard)), _table(list(hard + 0.05))
+    groups = np.arange(40)
+    ours, theirs = bootstrap_intervals(candidate, groups), bootstrap_intervals(reference, groups)
+    assert ours["dice"][0] < theirs["dice"][1]  # overlapping separate intervals
+    paired = paired_intervals(candidate, reference, groups)
+    assert paired["dice"] == pytest.approx([0.05, 0.05])
+    assert paired["f1"] == [0.0, 0.0] and paired["acc"] == [0.0, 0.0]  # same classes predicted
+    assert paired_intervals(reference, reference, groups)["dice"] == [0.0, 0.0]
+
+
+def test_paired_intervals_resample_whole_groups():
+    # Two cases of two frames each: the candidate wins on case 0 and loses on case 1. Draws are
+    # (0, 0) -> +0.4, (1, 1) -> -0.4 or one of each -> 0; frames of a case never part.
+    candidate, reference = _table([0.9, 0.9, 0.1, 0.1]), _table([0.5] * 4)
+    paired = paired_intervals(candidate, reference, np.array([0, 0, 1, 1]), resamples=400, seed=3)
+    assert paired["dice"] == pytest.approx([-0.4, 0.4])
+    with pytest.raises(ValueError, match="4 group labels for 4 and 3 images"):
+        paired_intervals(candidate, reference.iloc[:3], np.array([0, 0, 1, 1]))

@@ -1,4 +1,5 @@
-"""Paired CV comparison: hand-checked differences, the corrected t-test, and refusing unpaired folds."""
+"""Paired comparisons: CVs by fold (hand-checked differences, the corrected t-test, refusing unpaired
+folds) and evaluations by image (the paired bootstrap, refusing different images or groups)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,10 @@ import pytest
 import yaml
 from scipy import stats
 
-from busi_mtl.compare import compare, corrected_ttest, main, to_markdown
+from busi_mtl.compare import compare, compare_evaluations, corrected_ttest, main, to_markdown
+from busi_mtl.evaluate import evaluate
+
+from conftest import compose_config
 
 IDS = [f"benign ({i})" for i in range(1, 11)]
 
@@ -108,3 +112,81 @@ def test_main_writes_the_tables(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert table.loc[0, "higher"] == 3
     assert (tmp_path / "out" / "compare.md").read_text().startswith("| metric | reference | candidate |")
     assert "paired by fold" in capsys.readouterr().out
+
+
+def _evaluation(root: Path, name: str, dice: list[float], weights: dict | None = None) -> Path:
+    """An evaluation directory of 4 benign images, the first two one scan (group 7)."""
+    d = root / name
+    d.mkdir()
+    n = len(dice)
+    pd.DataFrame(
+        {
+            "id": [f"benign ({i})" for i in range(n)][::-1],  # row order must not matter
+            "class": ["benign"] * n,
+            "pred_class": ["benign"] * n,
+            "p_normal": [0.1] * n,
+            "p_benign": [0.8] * n,
+            "p_malignant": [0.1] * n,
+            "dice": dice[::-1],
+            "dup_group": [7, 7, *range(n - 2)][::-1],
+        }
+    ).to_csv(d / "per_image.csv", index=False)
+    (d / "metrics.json").write_text(json.dumps({"score_weights": weights or {"dice": 0.5, "acc": 0.5}}))
+    return d
+
+
+def test_compare_evaluations_by_image(tmp_path: Path) -> None:
+    reference = _evaluation(tmp_path, "ref", [0.5, 0.5, 0.5, 0.5])
+    candidate = _evaluation(tmp_path, "new", [0.9, 0.9, 0.5, 0.5])
+    table, drawn = compare_evaluations(candidate, reference, resamples=500)
+    assert drawn == {"images": 4, "groups": 3, "resamples": 500, "seed": 0}
+    dice = table.set_index("metric").loc["dice"]
+    assert (dice["reference"], dice["candidate"], dice["difference"]) == pytest.approx((0.5, 0.7, 0.2))
+    # The scan of two frames is drawn whole: 0 to 3 copies of it among 3 draws; 2 frames of +0.4 give
+    # +0.4 * 2k / (2k + (3 - k)) for k copies, from 0 to +0.4 (never the +0.133 of one frame alone).
+    assert dice["ci_low"] == pytest.approx(0.0) and dice["ci_high"] == pytest.approx(0.4)
+    score = table.set_index("metric").loc["score"]
+    assert score["difference"] == pytest.approx(0.1)  # 0.5 * dice + 0.5 * acc
+    other_weights = _evaluation(tmp_path, "weights", [0.9, 0.9, 0.5, 0.5], {"dice": 1.0})
+    assert "score" not in compare_evaluations(other_weights, reference)[0]["metric"].tolist()
+
+
+def test_compare_evaluations_refuses_other_images_or_groups(tmp_path: Path) -> None:
+    reference = _evaluation(tmp_path, "ref", [0.5] * 4)
+    fewer = _evaluation(tmp_path, "fewer", [0.5] * 3)
+    with pytest.raises(ValueError, match=r"different images \(1 in one only"):
+        compare_evaluations(fewer, reference)
+    regrouped = _evaluation(tmp_path, "regrouped", [0.5] * 4)
+    table = pd.read_csv(regrouped / "per_image.csv")
+    table["dup_group"] = range(4)
+    table.to_csv(regrouped / "per_image.csv", index=False)
+    with pytest.raises(ValueError, match="group the images' near-duplicates differently"):
+        compare_evaluations(regrouped, reference)
+    table.drop(columns="dup_group").to_csv(regrouped / "per_image.csv", index=False)
+    with pytest.raises(ValueError, match="no dup_group column"):
+        compare_evaluations(regrouped, reference)
+    with pytest.raises(SystemExit, match="not one of each"):
+        main([str(reference), str(_cv(tmp_path, "cv", [0.7, 0.8, 0.75], [0.6] * 3))])
+
+
+def test_two_evaluations_of_a_checkpoint_compared(trained_run, tmp_path, capsys) -> None:
+    # Evaluate one checkpoint at two thresholds; the comparison's point differences are the difference
+    # of the two metrics.json, and its interval holds the difference.
+    run, _ = trained_run
+    ckpt = f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}"
+    reports = {}
+    for name, threshold in (("low", 0.3), ("high", 0.7)):
+        cfg = compose_config(
+            "eval", ["trainer.accelerator=cpu", ckpt, f"threshold={threshold}"], tmp_path / name
+        )
+        reports[name] = evaluate(cfg)["test"]
+    low, high = tmp_path / "low" / "run", tmp_path / "high" / "run"
+    main([str(high), str(low), "--out", str(tmp_path / "out"), "--resamples", "200"])
+    table = pd.read_csv(tmp_path / "out" / "compare.csv").set_index("metric")
+    for key in ("score", "dice", "normal_empty_rate", "f1"):
+        expected = reports["high"][key] - reports["low"][key]
+        assert table.loc[key, "difference"] == pytest.approx(expected, abs=1e-5), key
+        assert table.loc[key, "ci_low"] - 1e-9 <= expected <= table.loc[key, "ci_high"] + 1e-9, key
+    assert table.loc["f1", "difference"] == 0  # the classifier does not depend on the threshold
+    assert "paired by image" in capsys.readouterr().out
+    assert "near-duplicate groups" in (tmp_path / "out" / "compare.md").read_text()

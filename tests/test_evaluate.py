@@ -13,7 +13,7 @@ import torch
 from busi_mtl.data import BENIGN
 from busi_mtl.data.busi import load_image, load_mask, scan_busi
 from busi_mtl.data.synthetic import generate_busi
-from busi_mtl.evaluate import aggregate, confidence_intervals, evaluate, native_scores
+from busi_mtl.evaluate import aggregate, confidence_intervals, evaluate, image_groups, native_scores
 from busi_mtl.metrics import per_image_scores
 from busi_mtl.models.module import read_checkpoint
 from busi_mtl.postprocess import PostProcess
@@ -115,7 +115,9 @@ def test_intervals_resample_by_the_audit_duplicate_groups():
             "dice": [0.2, 0.9, 0.9],
         }
     )
-    out = confidence_intervals(table, datamodule, resamples=200, seed=0, score_weights={"dice": 1.0})
+    table["dup_group"] = image_groups(table["id"], datamodule)
+    assert table["dup_group"].tolist() == [2, 0, 0]
+    out = confidence_intervals(table, resamples=200, seed=0, score_weights={"dice": 1.0})
     assert out["bootstrap"] == {"resamples": 200, "seed": 0, "unit": "near-duplicate group", "groups": 2}
     assert out["ci95"]["dice"] == pytest.approx([0.2, 0.9])  # either case alone, or both (0.667)
 

@@ -12,6 +12,9 @@ The metrics are recomputed from ``per_image.csv``'s columns with the definitions
 the classes present in truth or prediction, macro one-vs-rest AUROC), so on the full table they give
 the reported values; in numpy on arrays, as a thousand draws through torchmetrics or scikit-learn's
 input checks would take seconds per evaluation.
+
+:func:`paired_intervals` scores two evaluations of the same images on the same draws, for the interval
+of their difference (``busi_mtl.compare`` on two evaluation directories).
 """
 
 from __future__ import annotations
@@ -84,6 +87,37 @@ def table_metrics(table: pd.DataFrame, score_weights: dict[str, float] | None = 
     return _metrics(_columns(table), score_weights)
 
 
+def _draws(
+    tables: list[pd.DataFrame],
+    groups: np.ndarray,
+    resamples: int,
+    seed: int,
+    score_weights: dict[str, float] | None,
+) -> list[pd.DataFrame]:
+    """The metrics of each table over the same ``resamples`` draws of whole groups with replacement
+    (``groups``: one label per row, shared by the tables, whose rows are the same images in one order)."""
+    if {len(table) for table in tables} != {len(groups)}:
+        sizes = " and ".join(str(len(table)) for table in tables)
+        raise ValueError(f"got {len(groups)} group labels for {sizes} images")
+    _, codes = np.unique(groups, return_inverse=True)
+    members = [np.flatnonzero(codes == g) for g in range(codes.max() + 1)]
+    columns, rng = [_columns(table) for table in tables], np.random.default_rng(seed)
+    draws: list[list[dict[str, float]]] = [[] for _ in tables]
+    for _ in range(resamples):
+        rows = np.concatenate([members[g] for g in rng.integers(len(members), size=len(members))])
+        for table_columns, table_draws in zip(columns, draws, strict=True):
+            table_draws.append(_metrics({k: a[rows] for k, a in table_columns.items()}, score_weights))
+    return [pd.DataFrame(table_draws) for table_draws in draws]
+
+
+def _percentiles(frame: pd.DataFrame) -> dict[str, list[float]]:
+    """The 2.5th and 97.5th percentiles of each column, over its defined draws."""
+    return {
+        name: [float(v) for v in np.nanpercentile(col, [2.5, 97.5])] if col.notna().any() else [np.nan] * 2
+        for name, col in frame.items()
+    }
+
+
 def bootstrap_intervals(
     table: pd.DataFrame,
     groups: np.ndarray,
@@ -93,16 +127,24 @@ def bootstrap_intervals(
 ) -> dict[str, list[float]]:
     """``{metric: [2.5th, 97.5th percentile]}`` over ``resamples`` draws of whole groups with replacement
     (``groups``: one label per table row); a metric undefined in every draw gets ``[nan, nan]``."""
-    if len(groups) != len(table):
-        raise ValueError(f"got {len(groups)} group labels for {len(table)} images")
-    _, codes = np.unique(groups, return_inverse=True)
-    members = [np.flatnonzero(codes == g) for g in range(codes.max() + 1)]
-    columns, rng, draws = _columns(table), np.random.default_rng(seed), []
-    for _ in range(resamples):
-        rows = np.concatenate([members[g] for g in rng.integers(len(members), size=len(members))])
-        draws.append(_metrics({name: array[rows] for name, array in columns.items()}, score_weights))
-    frame = pd.DataFrame(draws)
-    return {
-        name: [float(v) for v in np.nanpercentile(col, [2.5, 97.5])] if col.notna().any() else [np.nan] * 2
-        for name, col in frame.items()
-    }
+    (frame,) = _draws([table], groups, resamples, seed, score_weights)
+    return _percentiles(frame)
+
+
+def paired_intervals(
+    candidate: pd.DataFrame,
+    reference: pd.DataFrame,
+    groups: np.ndarray,
+    resamples: int = 1000,
+    seed: int = 0,
+    score_weights: dict[str, float] | None = None,
+) -> dict[str, list[float]]:
+    """95% intervals of ``candidate - reference`` for each metric, both tables scored on the same draws.
+
+    Two evaluations of the same images share each image's difficulty, so the difference varies far less
+    between draws than either figure does; two separate intervals overlapping says little. The rows of
+    the two tables must be the same images in the same order. The interval covers which images were
+    drawn, for these two fixed models: not how a retrained model would come out.
+    """
+    ours, theirs = _draws([candidate, reference], groups, resamples, seed, score_weights)
+    return _percentiles(ours - theirs)

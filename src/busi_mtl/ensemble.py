@@ -43,6 +43,7 @@ from busi_mtl.evaluate import (
     aggregate,
     confidence_intervals,
     datamodule_from_checkpoint,
+    image_groups,
     interval_columns,
     native_scores,
     per_image_table,
@@ -292,8 +293,10 @@ def ensemble(cfg: DictConfig) -> dict:
     report["member_mean"], report["member_std"] = frame.mean().to_dict(), frame.std(ddof=1).to_dict()
     report["member_metrics"] = member_scores
     report["n_images"] = len(combined.ids)
+    table["dup_group"] = image_groups(table["id"], data)
+    report["score_weights"] = score_weights
     if cfg.bootstrap:
-        report.update(confidence_intervals(table, data, cfg.bootstrap, cfg.seed, score_weights))
+        report.update(confidence_intervals(table, cfg.bootstrap, cfg.seed, score_weights))
     table.to_csv(out / "per_image.csv", index=False)
     write_json(out / "metrics.json", report)
     save_run_info(out)

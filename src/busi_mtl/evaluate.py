@@ -167,13 +167,17 @@ def aggregate(outputs: list[dict], score_weights: dict[str, float], postprocesse
     return values
 
 
-def confidence_intervals(
-    table: pd.DataFrame, datamodule: BUSIDataModule, resamples: int, seed: int, score_weights: dict
-) -> dict:
-    """``ci95`` (see :mod:`busi_mtl.bootstrap`) and how it was drawn, for metrics.json: the table's images
-    resampled by their near-duplicate group (the audit's, even where the split ignored them)."""
+def image_groups(ids: pd.Series, datamodule: BUSIDataModule) -> np.ndarray:
+    """The audit's near-duplicate group of each image (per_image.csv's ``dup_group``), even where the
+    run's split ignored them (``data.group_duplicates=false``)."""
     position = pd.Series(range(len(datamodule.manifest)), index=datamodule.manifest["id"])
-    groups = datamodule.duplicate_groups[position.loc[table["id"]].to_numpy()]
+    return datamodule.duplicate_groups[position.loc[ids].to_numpy()]
+
+
+def confidence_intervals(table: pd.DataFrame, resamples: int, seed: int, score_weights: dict) -> dict:
+    """``ci95`` (see :mod:`busi_mtl.bootstrap`) and how it was drawn, for metrics.json: the table's images
+    resampled by their near-duplicate group (its ``dup_group`` column)."""
+    groups = table["dup_group"].to_numpy()
     return {
         "ci95": bootstrap_intervals(table, groups, resamples, seed, score_weights),
         "bootstrap": {
@@ -262,8 +266,10 @@ def evaluate(cfg: DictConfig) -> dict:
         values, native = native_scores(outputs, datamodule, module.hparams.threshold, module.postprocess)
         metrics[cfg.split] |= values
         table = pd.concat([table, native], axis=1)
+    table["dup_group"] = image_groups(table["id"], datamodule)
+    metrics["score_weights"] = module.score_weights
     if cfg.bootstrap:
-        metrics.update(confidence_intervals(table, datamodule, cfg.bootstrap, cfg.seed, module.score_weights))
+        metrics.update(confidence_intervals(table, cfg.bootstrap, cfg.seed, module.score_weights))
     table.to_csv(out / "per_image.csv", index=False)
     write_json(out / "metrics.json", metrics)
     save_run_info(out)
