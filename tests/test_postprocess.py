@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
-from busi_mtl.postprocess import PostProcess
+from busi_mtl.data.transforms import restore_size
+from busi_mtl.postprocess import PostProcess, full_size_masks
 
 
 def _masks() -> torch.Tensor:
@@ -58,3 +60,20 @@ def test_max_components_keeps_the_largest():
 def test_invalid_settings(kwargs, message):
     with pytest.raises(ValueError, match=message):
         PostProcess(**kwargs)
+
+
+def test_full_size_masks_threshold_and_post_process_at_the_image_size():
+    prob = np.zeros((8, 8), np.float32)
+    prob[1:4, 1:4] = 0.9  # a lesion
+    prob[6, 6] = 0.9  # a speck: 19 px of 40 x 60 (0.8%) once resized back and thresholded
+    pp = PostProcess(normal_gate=0.5, min_area=0.005)
+    raw, processed = full_size_masks(prob, 40, 60, False, 0.5, pp, np.array([0.1, 0.8, 0.1], np.float32))
+    assert raw.shape == processed.shape == (40, 60) and raw.dtype == processed.dtype == bool
+    np.testing.assert_array_equal(raw, restore_size(prob, 40, 60, False) > 0.5)
+    assert processed.sum() == raw.sum()  # nothing under 0.5% of the image
+    dropped = full_size_masks(
+        prob, 40, 60, False, 0.5, PostProcess(min_area=0.01), np.ones(3, np.float32) / 3
+    )
+    assert dropped[1].sum() == raw.sum() - 19  # under 1%: the speck goes, the lesion stays
+    gated = full_size_masks(prob, 40, 60, False, 0.5, pp, np.array([0.6, 0.3, 0.1], np.float32))
+    assert gated[0].sum() == raw.sum() and not gated[1].any()  # a confident normal: empty, raw kept

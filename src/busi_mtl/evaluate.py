@@ -36,10 +36,9 @@ from busi_mtl.callbacks import pick_gallery_indices
 from busi_mtl.data import BENIGN, CLASSES, MALIGNANT, NORMAL
 from busi_mtl.data.busi import load_mask
 from busi_mtl.data.datamodule import BUSIDataModule
-from busi_mtl.data.transforms import restore_size
 from busi_mtl.metrics import SegmentationMetrics, classification_metrics, confusion_matrix, per_image_scores
 from busi_mtl.models.module import load_module, read_checkpoint
-from busi_mtl.postprocess import PostProcess
+from busi_mtl.postprocess import PostProcess, full_size_masks
 from busi_mtl.utils.paths import CONFIG_DIR
 from busi_mtl.utils.run import print_metrics, save_run_info, task_wrapper, write_json
 from busi_mtl.visualize import class_lines, confusion_figure, dice_figure, draw_overlay, roc_figure, tile
@@ -77,9 +76,10 @@ def native_scores(
     ``postprocess`` is enabled) and the per-image ``native_dice`` / ``native_pp_dice``, in outputs order;
     the image sizes, mask files and geometry come from the datamodule that produced the outputs.
 
-    Each lesion probability map is resized back as :mod:`busi_mtl.predict` does, thresholded and
-    post-processed there, and scored against the union of the image's mask files, so a lesion too small
-    to survive the resize still counts. Images are scored one at a time: full-size masks are not kept.
+    Each lesion probability map goes through :func:`busi_mtl.postprocess.full_size_masks`, as in
+    :mod:`busi_mtl.predict` (resized back, thresholded and post-processed there), and is scored against
+    the union of the image's mask files, so a lesion too small to survive the resize still counts.
+    Images are scored one at a time: full-size masks are not kept.
     """
     rows, keep_aspect = datamodule.manifest.set_index("id"), datamodule.preprocessing.keep_aspect
     seg, pp, per_image = SegmentationMetrics(), SegmentationMetrics(), []
@@ -87,9 +87,16 @@ def native_scores(
         for k, image_id in enumerate(o["id"]):
             row = rows.loc[image_id]
             height, width = int(row["height"]), int(row["width"])
-            prob = restore_size(o["lesion_prob"][k].numpy(), height, width, keep_aspect)
-            mask, probs = torch.from_numpy(prob > threshold)[None, None], o["probs"][k : k + 1]
-            processed = postprocess(mask, probs)
+            raw, pp_mask = full_size_masks(
+                o["lesion_prob"][k].numpy(),
+                height,
+                width,
+                keep_aspect,
+                threshold,
+                postprocess,
+                o["probs"][k].numpy(),
+            )
+            mask, processed = torch.from_numpy(raw)[None, None], torch.from_numpy(pp_mask)[None, None]
             true = torch.from_numpy(load_mask(row["mask_paths"], (height, width)).astype(bool))[None, None]
             label = o["label"][k : k + 1]
             seg.update(mask, true, label)

@@ -9,7 +9,9 @@ Stray specks on normal images are the usual segmentation failure on BUSI. Three 
 - ``max_components``: only the largest ``max_components`` components are kept (most BUSI images show
   one lesion; 1 drops every secondary blob, including the rare true second lesion).
 
-``python -m busi_mtl.ensemble`` chooses these settings on out-of-fold predictions.
+``python -m busi_mtl.ensemble`` chooses these settings on out-of-fold predictions. :func:`full_size_masks`
+is the one path from the network's probability map to the delivered mask, for prediction and for the
+``native_*`` metrics alike.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import numpy as np
 import torch
 
 from busi_mtl.data import NORMAL
+from busi_mtl.data.transforms import restore_size
 
 
 @dataclass(frozen=True)
@@ -61,3 +64,20 @@ class PostProcess:
                     array[k][np.isin(labels, np.flatnonzero(drop) + 1)] = 0
             out = torch.from_numpy(array.astype(bool)).unsqueeze(1).to(masks.device)
         return out
+
+
+def full_size_masks(
+    prob: np.ndarray,
+    height: int,
+    width: int,
+    keep_aspect: bool,
+    threshold: float,
+    postprocess: PostProcess,
+    class_probs: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The raw and post-processed boolean lesion masks at an image's own size (height x width) from the
+    network-resolution probability map: resized back, thresholded, then post-processed there (so
+    ``min_area`` is a fraction of the original image), given the image's class probabilities (C,)."""
+    raw = restore_size(prob, height, width, keep_aspect) > threshold
+    processed = postprocess(torch.from_numpy(raw)[None, None], torch.from_numpy(class_probs)[None])
+    return raw, processed[0, 0].numpy()

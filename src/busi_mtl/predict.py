@@ -27,6 +27,7 @@ from busi_mtl.data import CLASSES
 from busi_mtl.data.busi import MASK_RE, to_gray
 from busi_mtl.data.transforms import Preprocessing, preprocess_image, restore_size
 from busi_mtl.models.module import MultiTaskModule, load_module, read_checkpoint
+from busi_mtl.postprocess import full_size_masks
 from busi_mtl.utils.paths import CONFIG_DIR
 from busi_mtl.utils.run import resolve_device, task_wrapper
 from busi_mtl.visualize import draw_overlay
@@ -124,27 +125,32 @@ class Predictor:
         preprocessing = Preprocessing.from_hparams(ckpt["datamodule_hyper_parameters"])
         return cls(module, preprocessing, module.hparams.threshold if threshold is None else threshold, tta)
 
-    def postprocess_mask(self, mask: np.ndarray, class_probs: np.ndarray) -> np.ndarray:
-        """The checkpoint's post-processing (normal gating, small components) on one full-size mask."""
-        tensor = torch.from_numpy(mask)[None, None]
-        return (
-            self.module.postprocess(tensor, torch.from_numpy(class_probs)[None])[0, 0]
-            .numpy()
-            .astype(np.uint8)
-        )
-
     @torch.no_grad()
-    def __call__(self, images: Sequence[np.ndarray]) -> tuple[list[np.ndarray], np.ndarray]:
-        """Lesion probability maps at each image's own size, and class probabilities (N, 3)."""
+    def network(self, images: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """Lesion probability maps at the network's resolution (N, S, S), and class probabilities (N, 3)."""
         batch = np.stack([preprocess_image(im, self.preprocessing) for im in images])
         x = torch.from_numpy(batch).to(self.module.device).float().div_(255).unsqueeze(1)
         probs, classes = self.module.probabilities(x, self.tta)
-        small = probs[:, 0].cpu().numpy()
-        full = [
-            restore_size(p, *im.shape[:2], self.preprocessing.keep_aspect)
-            for p, im in zip(small, images, strict=True)
+        return probs[:, 0].cpu().numpy(), classes.cpu().numpy()
+
+    def __call__(self, images: Sequence[np.ndarray]) -> tuple[list[np.ndarray], np.ndarray]:
+        """Lesion probability maps at each image's own size, and class probabilities (N, 3)."""
+        small, classes = self.network(images)
+        keep_aspect = self.preprocessing.keep_aspect
+        full = [restore_size(p, *im.shape[:2], keep_aspect) for p, im in zip(small, images, strict=True)]
+        return full, classes
+
+    def masks(self, images: Sequence[np.ndarray]) -> tuple[list[np.ndarray], np.ndarray]:
+        """The delivered lesion masks (uint8 0/1, each image's own size; the checkpoint's threshold and
+        post-processing), and class probabilities (N, 3)."""
+        small, classes = self.network(images)
+        masks = [
+            full_size_masks(
+                p, *im.shape[:2], self.preprocessing.keep_aspect, self.threshold, self.module.postprocess, c
+            )[1].astype(np.uint8)
+            for p, im, c in zip(small, images, classes, strict=True)
         ]
-        return full, classes.cpu().numpy()
+        return masks, classes
 
 
 def _batches(files: Sequence[Path], size: int) -> Iterator[Sequence[Path]]:
@@ -171,9 +177,8 @@ def predict_folder(predictor: Predictor, source: Path, output: Path, batch_size:
                 rows.append({"file": str(path), "error": str(err)})
         if not readable:
             continue
-        prob_maps, class_probs = predictor(images)
-        for path, image, prob, cls_prob in zip(readable, images, prob_maps, class_probs, strict=True):
-            mask = predictor.postprocess_mask(prob > predictor.threshold, cls_prob)
+        masks, class_probs = predictor.masks(images)
+        for path, image, mask, cls_prob in zip(readable, images, masks, class_probs, strict=True):
             label = CLASSES[int(cls_prob.argmax())]
             mask_path = inside(output, output / "masks" / f"{names[path]}_mask.png")
             overlay_path = inside(output, output / "overlays" / f"{names[path]}_overlay.png")
