@@ -189,7 +189,9 @@ def read_evaluation(eval_dir: str | Path) -> tuple[pd.DataFrame, dict]:
     table_path, metrics_path = Path(eval_dir) / "per_image.csv", Path(eval_dir) / "metrics.json"
     for path in (table_path, metrics_path):
         if not path.is_file():
-            raise FileNotFoundError(f"{path}: missing; is {eval_dir} a busi_mtl.evaluate run directory?")
+            raise FileNotFoundError(
+                f"{path}: missing; is {eval_dir} a busi_mtl.evaluate or busi_mtl.ensemble run directory?"
+            )
     table = pd.read_csv(table_path)
     if "dup_group" not in table.columns:
         raise ValueError(
