@@ -44,7 +44,10 @@ def test_cv_ensemble_tunes_out_of_fold_and_reports_the_test_split(cv_sweep, tmp_
     assert len(report["members"]) == 2 and len(report["member_metrics"]) == 2
     table = pd.read_csv(out / "per_image.csv")
     assert sorted(table["id"]) == sorted(split.loc[split["split"] == "test", "id"])
-    assert len(pd.read_csv(out / "oof_per_image.csv")) == report["oof"]["n_images"]
+    oof_table = pd.read_csv(out / "oof_per_image.csv")
+    assert len(oof_table) == report["oof"]["n_images"]
+    groups = split.set_index("id")["group"]  # the groups the split kept together
+    assert (oof_table["dup_group"].to_numpy() == groups.loc[oof_table["id"]].to_numpy()).all()
     grid = pd.read_csv(out / "oof_grid.csv")
     defaults = OmegaConf.load(Path(__file__).parents[1] / "conf" / "ensemble.yaml").grid
     assert len(grid) == len(defaults.threshold) * len(defaults.normal_gate) * len(defaults.min_area) * len(

@@ -247,6 +247,7 @@ def ensemble(cfg: DictConfig) -> dict:
             run_data = datamodule_from_checkpoint(ckpt, overrides, "test", member_out)
         if cfg.tune:
             oof_parts.append(predict(module, run_data.dataloader("val"), cfg.tta, device))
+            oof_data = run_data  # every member's manifest holds the same images and duplicate groups
         data = (
             run_data
             if cfg.split == "test"
@@ -268,7 +269,9 @@ def ensemble(cfg: DictConfig) -> dict:
         threshold, postprocess, grid = tune(oof, cfg.grid)
         grid.to_csv(out / "oof_grid.csv", index=False)
         tuned, oof_outputs = score(oof, threshold, postprocess, score_weights)
-        per_image_table(oof_outputs).to_csv(out / "oof_per_image.csv", index=False)
+        oof_table = per_image_table(oof_outputs)
+        oof_table["dup_group"] = image_groups(oof_table["id"], oof_data)
+        oof_table.to_csv(out / "oof_per_image.csv", index=False)
         report["oof"] = {
             "n_images": len(oof.ids),
             "members_per_image": held_out,
