@@ -6,12 +6,21 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
 from omegaconf import OmegaConf, open_dict
 
-from busi_mtl.ensemble import Predictions, average, ensemble, member_checkpoints, pool, tune
+from busi_mtl.ensemble import (
+    Predictions,
+    average,
+    ensemble,
+    member_checkpoints,
+    pool,
+    score,
+    tune,
+)
 from busi_mtl.evaluate import evaluate
 
 from conftest import TINY_TRAIN, compose_config
@@ -50,9 +59,7 @@ def test_cv_ensemble_tunes_out_of_fold_and_reports_the_test_split(cv_sweep, tmp_
     assert (oof_table["dup_group"].to_numpy() == groups.loc[oof_table["id"]].to_numpy()).all()
     grid = pd.read_csv(out / "oof_grid.csv")
     defaults = OmegaConf.load(Path(__file__).parents[1] / "conf" / "ensemble.yaml").grid
-    assert len(grid) == len(defaults.threshold) * len(defaults.normal_gate) * len(defaults.min_area) * len(
-        defaults.max_components
-    )
+    assert len(grid) == np.prod([len(defaults[k]) for k in defaults])  # every combination once
     assert report["oof"]["all_image_dice"] == pytest.approx(grid["all_image_dice"].max())
     assert report["chosen"]["threshold"] in defaults.threshold
     for key in ("dice", "f1", "auroc", "pp_dice", "pp_normal_empty_rate", "native_dice"):
@@ -117,16 +124,58 @@ def test_tune_picks_the_setting_that_removes_specks():
     lesion[:, 0:2, 0:2] = 0.55  # a faint speck on both images
     probs = torch.tensor([[0.8, 0.1, 0.1], [0.1, 0.8, 0.1]])
     grid = OmegaConf.create(
-        {"threshold": [0.5, 0.6], "normal_gate": [None], "min_area": [0.0], "max_components": [None]}
+        {
+            "threshold": [0.5, 0.6],
+            "normal_gate": [None],
+            "min_area": [0.0],
+            "max_components": [None],
+            "rescue": [None],
+        }
     )
     threshold, postprocess, table = tune(_predictions(["n", "b"], lesion, probs, truth), grid)
     assert threshold == 0.6 and not postprocess.enabled
     assert table["all_image_dice"].max() == pytest.approx(1.0)
     # at threshold 0.5, gating the confident normal empties its speck
     grid = OmegaConf.create(
-        {"threshold": [0.5], "normal_gate": [None, 0.7], "min_area": [0.0], "max_components": [None]}
+        {
+            "threshold": [0.5],
+            "normal_gate": [None, 0.7],
+            "min_area": [0.0],
+            "max_components": [None],
+            "rescue": [None],
+        }
     )
     assert tune(_predictions(["n", "b"], lesion, probs, truth), grid)[1].normal_gate == 0.7
+
+
+def test_tune_rescues_faint_lesions_and_scores_them_as_score_does():
+    """A lesion the network sees only faintly (peak 0.3, under every threshold) is left empty unless
+    rescue fills it; the normal image the classifier calls normal is never filled. The tuned figure is
+    the one score() gives under the chosen settings."""
+    truth = torch.zeros(3, 20, 20, dtype=torch.bool)
+    truth[1, 5:15, 5:15] = truth[2, 2:8, 2:8] = True  # image 0: normal; images 1-2: lesions
+    lesion = torch.full((3, 20, 20), 0.01)
+    lesion[1, 5:15, 5:15] = 0.3  # faint but in the right place
+    lesion[1, 8:12, 8:12] = 0.35
+    lesion[2, 2:8, 2:8] = 0.9  # seen clearly
+    lesion[0, 10:12, 10:12] = 0.2  # faint noise on the normal image
+    probs = torch.tensor([[0.8, 0.1, 0.1], [0.2, 0.7, 0.1], [0.1, 0.2, 0.7]])
+    pred = Predictions(["n", "b", "m"], torch.tensor([0, 1, 2]), probs, lesion, truth)
+    grid = OmegaConf.create(
+        {
+            "threshold": [0.5],
+            "normal_gate": [None],
+            "min_area": [0.0],
+            "max_components": [None],
+            "rescue": [None, 0.5],
+        }
+    )
+    threshold, postprocess, table = tune(pred, grid)
+    assert postprocess.rescue == 0.5 and len(table) == 2
+    assert table["all_image_dice"].tolist() == pytest.approx([2 / 3, 1.0])  # image 1: Dice 0, then 1
+    outputs = score(pred, threshold, postprocess, {"dice": 1.0})[1][0]
+    assert torch.equal(outputs["pp_mask"], truth)  # the normal image stays empty: p(normal) 0.8
+    assert not outputs["pred_mask"][1].any()
 
 
 def test_average_aligns_members_by_image_id():

@@ -185,3 +185,22 @@ def test_postprocess_override_reports_pp_metrics(trained_run, tmp_path):
     assert {"pp_dice", "pp_normal_empty_rate", "bm_acc"} <= set(metrics["test"])
     table = pd.read_csv(out / "per_image.csv")
     assert (table["pp_lesion_px"] <= table["pred_lesion_px"]).all()
+
+
+def test_rescue_override_fills_only_empty_masks_called_lesions(trained_run, tmp_path):
+    run, _ = trained_run
+    metrics, out = _evaluate(
+        tmp_path,
+        f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}",
+        "postprocess.rescue=0.5",  # beside the checkpoint's normal gate 0.5
+        "threshold=0.99",  # few pixels pass: most masks start empty
+    )
+    assert metrics["test"]["pp_dice"] >= 0
+    table = pd.read_csv(out / "per_image.csv")
+    filled = (table["pred_lesion_px"] == 0) & (table["p_normal"] < 0.5)
+    assert filled.any()
+    assert (table.loc[filled, "pp_lesion_px"] > 0).all()
+    gated = table["p_normal"] >= 0.5
+    assert (table.loc[gated, "pp_lesion_px"] == 0).all()
+    kept = ~filled & ~gated
+    assert (table.loc[kept, "pp_lesion_px"] == table.loc[kept, "pred_lesion_px"]).all()

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from busi_mtl.data.transforms import restore_size
-from busi_mtl.postprocess import PostProcess, full_size_masks
+from busi_mtl.postprocess import PostProcess, full_size_masks, peak_region
 
 
 def _masks() -> torch.Tensor:
@@ -49,12 +49,44 @@ def test_max_components_keeps_the_largest():
     assert PostProcess(max_components=1).enabled
 
 
+def test_rescue_fills_empty_masks_the_classifier_calls_lesions():
+    probs = torch.zeros(4, 1, 40, 40)
+    probs[:, :, 5:15, 5:15] = 0.3  # a faint lesion, under the threshold
+    probs[:, :, 9:11, 9:11] = 0.4  # its peak
+    probs[:, :, 30:35, 30:35] = 0.25  # a second faint blob: above half the peak, not connected to it
+    masks = probs > 0.5  # all empty
+    masks[3, :, 20:22, 20:22] = True  # image 3 already has a lesion pixel
+    class_probs = torch.tensor([[0.9, 0.05, 0.05], [0.2, 0.7, 0.1], [0.4, 0.3, 0.3], [0.1, 0.8, 0.1]])
+    out = PostProcess(rescue=0.5)(masks, class_probs, probs)
+    assert not out[0].any()  # the classifier calls it normal
+    assert out[1, :, 5:15, 5:15].all() and out[1].sum() == 100  # the peak's region only
+    assert torch.equal(out[2], out[1])
+    assert torch.equal(out[3], masks[3])  # not empty: left alone
+    tight = PostProcess(rescue=0.9)(masks, class_probs, probs)
+    assert tight[1].sum() == 4  # only the 0.4 peak is within 90% of it
+    gated = PostProcess(normal_gate=0.3, rescue=0.5)(masks, class_probs, probs)
+    assert not gated[2].any() and gated[1].sum() == 100  # p(normal) 0.4 >= the gate: stays empty
+    with pytest.raises(ValueError, match="lesion probabilities"):
+        PostProcess(rescue=0.5)(masks, class_probs)
+    assert PostProcess(rescue=0.5).enabled
+
+
+def test_peak_region_follows_the_peak():
+    prob = np.zeros((10, 10), np.float32)
+    prob[0:3, 0:3] = 0.6
+    prob[6:9, 6:9] = 0.8
+    np.testing.assert_array_equal(np.argwhere(peak_region(prob, 0.5)), np.argwhere(prob == 0.8))
+    assert peak_region(prob, 0.7).sum() == 9
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
         ({"normal_gate": 1.5}, "normal_gate"),
         ({"min_area": 1.0}, "min_area"),
         ({"max_components": 0}, "max_comp"),
+        ({"rescue": 0.0}, "rescue"),
+        ({"rescue": 1.5}, "rescue"),
     ],
 )
 def test_invalid_settings(kwargs, message):

@@ -5,7 +5,7 @@
    out-of-fold (OOF) predictions cover every non-test image once, each by a model that never trained on it.
    Several CV runs on the same images (``runs=[cv_a,cv_b]``: other seeds or settings) pool into one
    ensemble: an image's OOF prediction is then the mean over the members that held it out, one per CV.
-2. The lesion threshold and the post-processing (normal gate, min_area, max_components) are chosen on the
+2. The lesion threshold and the post-processing (normal gate, min_area, max_components, rescue) are chosen on the
    OOF predictions, never on the test split, to maximise per-image Dice over *all* images, where a
    normal image scores 1 when its predicted mask is empty and 0 otherwise: one objective that trades
    lesion Dice against stray lesions on normal images.
@@ -34,6 +34,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import hydra
+import numpy as np
 import pandas as pd
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -50,7 +51,7 @@ from busi_mtl.evaluate import (
 )
 from busi_mtl.metrics import per_image_scores
 from busi_mtl.models.module import MultiTaskModule, load_module, read_checkpoint
-from busi_mtl.postprocess import PostProcess
+from busi_mtl.postprocess import PostProcess, peak_region
 from busi_mtl.summarize import job_dirs
 from busi_mtl.utils.paths import CONFIG_DIR
 from busi_mtl.utils.run import print_metrics, resolve_device, save_run_info, task_wrapper, write_json
@@ -170,31 +171,47 @@ def tune(oof: Predictions, grid: DictConfig) -> tuple[float, PostProcess, pd.Dat
     grid order, so list the mildest choices first.
     """
     keep = ~((oof.labels != NORMAL) & ~oof.true_masks.flatten(1).any(1))
-    truth, p_normal = oof.true_masks[keep], oof.class_probs[keep, NORMAL]
+    truth, p_normal, probs = oof.true_masks[keep], oof.class_probs[keep, NORMAL], oof.lesion_probs[keep]
     truth_empty = ~truth.flatten(1).any(1)
+    rescued = {  # the all-image Dice of each image's rescue region, for every ratio tried
+        ratio: all_image_dice(
+            torch.from_numpy(np.stack([peak_region(p.numpy(), ratio) for p in probs])).unsqueeze(1),
+            truth.unsqueeze(1),
+        )
+        for ratio in grid.rescue
+        if ratio is not None
+    }
     rows = []
     for threshold, min_area, max_components in itertools.product(
         grid.threshold, grid.min_area, grid.max_components
     ):
-        masks = (oof.lesion_probs[keep] > threshold).unsqueeze(1)
+        masks = (probs > threshold).unsqueeze(1)
         cleaned = PostProcess(min_area=min_area, max_components=max_components)(masks, oof.class_probs[keep])
-        dice = all_image_dice(cleaned, truth.unsqueeze(1))
+        dice, empty = all_image_dice(cleaned, truth.unsqueeze(1)), ~cleaned.flatten(1).any(1)
         for gate in grid.normal_gate:
-            gated = dice if gate is None else torch.where(p_normal >= gate, truth_empty.float(), dice)
-            rows.append(
-                {
-                    "threshold": threshold,
-                    "normal_gate": gate,
-                    "min_area": min_area,
-                    "max_components": max_components,
-                    "all_image_dice": float(gated.mean()),
-                }
-            )
+            gated = torch.zeros_like(empty) if gate is None else p_normal >= gate
+            dice_gated = torch.where(gated, truth_empty.float(), dice)
+            eligible = empty & ~gated & (p_normal < 0.5)  # the images rescue would fill
+            for ratio in grid.rescue:
+                final = dice_gated if ratio is None else torch.where(eligible, rescued[ratio], dice_gated)
+                rows.append(
+                    {
+                        "threshold": threshold,
+                        "normal_gate": gate,
+                        "min_area": min_area,
+                        "max_components": max_components,
+                        "rescue": ratio,
+                        "all_image_dice": float(final.mean()),
+                    }
+                )
     table = pd.DataFrame(rows)
     best = table.loc[table["all_image_dice"].idxmax()]
-    gate = None if pd.isna(best["normal_gate"]) else float(best["normal_gate"])
-    max_components = None if pd.isna(best["max_components"]) else int(best["max_components"])
-    chosen = PostProcess(normal_gate=gate, min_area=float(best["min_area"]), max_components=max_components)
+    chosen = PostProcess(
+        normal_gate=None if pd.isna(best["normal_gate"]) else float(best["normal_gate"]),
+        min_area=float(best["min_area"]),
+        max_components=None if pd.isna(best["max_components"]) else int(best["max_components"]),
+        rescue=None if pd.isna(best["rescue"]) else float(best["rescue"]),
+    )
     return float(best["threshold"]), chosen, table
 
 
@@ -210,7 +227,7 @@ def score(
             "probs": pred.class_probs,
             "lesion_prob": pred.lesion_probs,
             "pred_mask": masks[:, 0],
-            "pp_mask": postprocess(masks, pred.class_probs)[:, 0],
+            "pp_mask": postprocess(masks, pred.class_probs, pred.lesion_probs.unsqueeze(1))[:, 0],
             "true_mask": pred.true_masks,
         }
     ]

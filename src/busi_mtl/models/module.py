@@ -139,7 +139,8 @@ class MultiTaskModule(pl.LightningModule):
         preds, target = binarize(mask_logits, self.hparams.threshold), batch["mask"].bool()
         self.seg_metrics[stage].update(preds, target, batch["label"])
         if self.postprocess.enabled:
-            self.pp_metrics[stage].update(self.postprocess(preds, probs), target, batch["label"])
+            cleaned = self.postprocess(preds, probs, mask_logits.float().sigmoid())
+            self.pp_metrics[stage].update(cleaned, target, batch["label"])
         self.cls_metrics[stage].update(probs, batch["label"])
         self.confusion[stage].update(probs, batch["label"])
 
@@ -153,14 +154,14 @@ class MultiTaskModule(pl.LightningModule):
         """Per-image outputs on the CPU, for evaluation reports (masks at the model's resolution)."""
         mask_logits, class_logits = self(batch["image"])
         probs = class_logits.float().softmax(dim=1)
-        preds = binarize(mask_logits, self.hparams.threshold)
+        preds, lesion = binarize(mask_logits, self.hparams.threshold), mask_logits.float().sigmoid()
         return {
             "id": list(batch["id"]),
             "label": batch["label"].cpu(),
             "probs": probs.cpu(),
-            "lesion_prob": mask_logits[:, 0].float().sigmoid().cpu(),
+            "lesion_prob": lesion[:, 0].cpu(),
             "pred_mask": preds[:, 0].cpu(),
-            "pp_mask": self.postprocess(preds, probs)[:, 0].cpu(),
+            "pp_mask": self.postprocess(preds, probs, lesion)[:, 0].cpu(),
             "true_mask": batch["mask"][:, 0].bool().cpu(),
         }
 
