@@ -227,3 +227,25 @@ def test_half_precision_logits_give_float32_losses(dtype: torch.dtype) -> None:
     for key, value in out.items():
         assert value.dtype == torch.float32, key
         assert value.item() == pytest.approx(reference[key].item(), abs=1e-6), key
+
+
+def test_tversky_beta_weighs_missed_lesion_pixels() -> None:
+    # p = 0.5, 0.75, 0.5, 0.25 against t = 1, 1, 1, 0: TP 1.75, FP 0.25, FN 1.25.
+    mask = torch.tensor([1.0, 1.0, 1.0, 0.0]).reshape(1, 1, 1, 4)
+    label = torch.tensor([1])
+    expected = {0.5: 1 - 1.75 / 2.5, 0.8: 1 - 1.75 / (1.75 + 0.2 * 0.25 + 0.8 * 1.25), 0.2: 1 - 1.75 / 2.2}
+    for beta, loss in expected.items():
+        out = MultiTaskLoss(dice_reduction="image", tversky_beta=beta)(
+            MASK_LOGITS, torch.zeros(1, 3), mask, label
+        )
+        assert out["dice"].item() == pytest.approx(loss, abs=1e-6)
+    # 0.5 is the per-image Dice: 2*1.75 / (2 + 3).
+    assert expected[0.5] == pytest.approx(1 - 2 * 1.75 / 5)
+
+
+def test_tversky_beta_is_refused_out_of_range_or_where_it_would_be_ignored() -> None:
+    with pytest.raises(ValueError, match=r"loss\.tversky_beta=0\.7 only applies .*image.*'batch'"):
+        MultiTaskLoss(tversky_beta=0.7)
+    for beta in (0.0, 1.0):
+        with pytest.raises(ValueError, match=r"loss\.tversky_beta must be in \(0, 1\)"):
+            MultiTaskLoss(dice_reduction="image", tversky_beta=beta)

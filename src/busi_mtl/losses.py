@@ -17,6 +17,9 @@ outweighs a small one, per image each lesion counts once. Normal images are left
 ``dice_reduction="image_all"`` averages over every image ``1 - (2*sum(p*t) + 1) / (sum(p) + sum(t) + 1)``: the
 smoothing of 1 is negligible beside a lesion's pixel count, and a normal image's term is ``sum(p) / (sum(p) + 1)``,
 a soft count of its false-positive pixels that saturates, which is what the normal-empty rate scores.
+``tversky_beta`` (``image`` only) turns that per-image Dice into the Tversky index
+``sum(p*t) / (sum(p*t) + (1 - b)*sum(p*(1-t)) + b*sum((1-p)*t))``: at 0.5 (default) it is the Dice, above 0.5
+a missed lesion pixel costs more than a false one, pushing towards finding the lesion at all, the usual failure.
 ``normal_dice_weight`` (``image_all`` only) weighs each normal image's term against a lesion image's 1 in that
 mean: 0 leaves normal images to the pixel-wise term as ``image`` does, 1 (default) counts them as lesion images.
 Focal is smp's binary focal loss ``mean((1 - p_t)**gamma * BCE)`` without an alpha balance term.
@@ -47,16 +50,19 @@ WEIGHTINGS: tuple[str, ...] = ("fixed", "uncertainty")
 DICE_REDUCTIONS: tuple[str, ...] = ("batch", "image", "image_all")
 
 
-def per_image_dice_loss(mask_logits: Tensor, mask: Tensor) -> Tensor:
-    """Mean over the images with a lesion pixel of ``1 - 2*sum(p*t) / (sum(p) + sum(t))``; 0 if there is none."""
+def per_image_dice_loss(mask_logits: Tensor, mask: Tensor, tversky_beta: float = 0.5) -> Tensor:
+    """Mean over the images with a lesion pixel of ``1 - 2*sum(p*t) / (sum(p) + sum(t))`` (the Tversky index
+    with false negatives weighted ``tversky_beta`` and false positives ``1 - tversky_beta``); 0 if there is none."""
     probs = mask_logits.sigmoid().flatten(1)
     target = mask.flatten(1)
     has_lesion = target.sum(1) > 0
     if not has_lesion.any():
         return mask_logits.sum() * 0.0  # keeps the graph, as smp's DiceLoss does for an all-empty batch
     probs, target = probs[has_lesion], target[has_lesion]
-    dice = 2 * (probs * target).sum(1) / (probs.sum(1) + target.sum(1))
-    return (1 - dice).mean()
+    tp = (probs * target).sum(1)
+    fp, fn = probs.sum(1) - tp, target.sum(1) - tp
+    index = tp / (tp + (1 - tversky_beta) * fp + tversky_beta * fn)
+    return (1 - index).mean()
 
 
 def smoothed_per_image_dice_loss(mask_logits: Tensor, mask: Tensor, normal_weight: float = 1.0) -> Tensor:
@@ -100,6 +106,7 @@ class MultiTaskLoss(nn.Module):
         weighting: str = "fixed",
         dice_reduction: str = "batch",
         normal_dice_weight: float = 1.0,
+        tversky_beta: float = 0.5,
         num_classes: int = 3,
     ) -> None:
         super().__init__()
@@ -123,6 +130,13 @@ class MultiTaskLoss(nn.Module):
                 f"loss.normal_dice_weight={normal_dice_weight} only applies with loss.dice_reduction=image_all, "
                 f"got dice_reduction={dice_reduction!r}"
             )
+        if not 0 < tversky_beta < 1:
+            raise ValueError(f"loss.tversky_beta must be in (0, 1), got {tversky_beta}")
+        if tversky_beta != 0.5 and dice_reduction != "image":
+            raise ValueError(
+                f"loss.tversky_beta={tversky_beta} only applies with loss.dice_reduction=image, "
+                f"got dice_reduction={dice_reduction!r}"
+            )
         if alpha == 0 and beta == 0:
             raise ValueError("loss.alpha and loss.beta are both 0, so nothing would be trained; set one > 0")
         if not 0 <= label_smoothing < 1:
@@ -137,7 +151,7 @@ class MultiTaskLoss(nn.Module):
         self.weighting = weighting
         self.dice: nn.Module | Callable[[Tensor, Tensor], Tensor] = {
             "batch": DiceLoss(mode="binary", from_logits=True),
-            "image": per_image_dice_loss,
+            "image": partial(per_image_dice_loss, tversky_beta=tversky_beta),
             "image_all": partial(smoothed_per_image_dice_loss, normal_weight=normal_dice_weight),
         }[dice_reduction]
         # The pixel-wise term is the one that still sees all-normal batches (Dice is 0 there).
