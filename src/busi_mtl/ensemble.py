@@ -51,7 +51,7 @@ from busi_mtl.evaluate import (
 )
 from busi_mtl.metrics import per_image_scores
 from busi_mtl.models.module import MultiTaskModule, load_module, read_checkpoint
-from busi_mtl.postprocess import PostProcess, peak_region
+from busi_mtl.postprocess import PostProcess, peak_region, rescue_eligible
 from busi_mtl.summarize import job_dirs
 from busi_mtl.utils.paths import CONFIG_DIR
 from busi_mtl.utils.run import print_metrics, resolve_device, save_run_info, task_wrapper, write_json
@@ -191,7 +191,7 @@ def tune(oof: Predictions, grid: DictConfig) -> tuple[float, PostProcess, pd.Dat
         for gate in grid.normal_gate:
             gated = torch.zeros_like(empty) if gate is None else p_normal >= gate
             dice_gated = torch.where(gated, truth_empty.float(), dice)
-            eligible = empty & ~gated & (p_normal < 0.5)  # the images rescue would fill
+            eligible = rescue_eligible(empty, p_normal, gate)
             for ratio in grid.rescue:
                 final = dice_gated if ratio is None else torch.where(eligible, rescued[ratio], dice_gated)
                 rows.append(

@@ -86,14 +86,21 @@ class PostProcess:
         if self.rescue is not None:
             if lesion_probs is None:
                 raise ValueError("postprocess.rescue needs the lesion probabilities, not only the masks.")
-            eligible = (p_normal < 0.5) & ~out.flatten(1).any(1)
-            if self.normal_gate is not None:
-                eligible &= p_normal < self.normal_gate
+            eligible = rescue_eligible(~out.flatten(1).any(1), p_normal, self.normal_gate)
             for k in torch.nonzero(eligible).flatten().tolist():
                 out[k, 0] = torch.from_numpy(
                     peak_region(lesion_probs[k, 0].float().cpu().numpy(), self.rescue)
                 )
         return out
+
+
+def rescue_eligible(empty: torch.Tensor, p_normal: torch.Tensor, normal_gate: float | None) -> torch.Tensor:
+    """The images (B,) ``rescue`` fills: an empty mask that the classifier calls a lesion (p(normal) < 0.5)
+    and the normal gate, if any, lets through."""
+    eligible = empty & (p_normal < 0.5)
+    if normal_gate is not None:
+        eligible &= p_normal < normal_gate
+    return eligible
 
 
 def peak_region(prob: np.ndarray, ratio: float) -> np.ndarray:

@@ -139,7 +139,9 @@ class MultiTaskModule(pl.LightningModule):
         preds, target = binarize(mask_logits, self.hparams.threshold), batch["mask"].bool()
         self.seg_metrics[stage].update(preds, target, batch["label"])
         if self.postprocess.enabled:
-            cleaned = self.postprocess(preds, probs, mask_logits.float().sigmoid())
+            # the lesion probabilities only for rescue: no sigmoid over every validation batch otherwise
+            lesion = mask_logits.float().sigmoid() if self.postprocess.rescue is not None else None
+            cleaned = self.postprocess(preds, probs, lesion)
             self.pp_metrics[stage].update(cleaned, target, batch["label"])
         self.cls_metrics[stage].update(probs, batch["label"])
         self.confusion[stage].update(probs, batch["label"])
