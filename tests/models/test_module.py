@@ -1,4 +1,4 @@
-"""MultiTaskModule: LR schedule, checkpoint round trip, train-split statistics reaching the network."""
+"""MultiTaskModule: LR schedule, per-part learning rates, checkpoint round trip, train-split statistics reaching the network."""
 
 from __future__ import annotations
 
@@ -6,6 +6,9 @@ import pytest
 import torch
 
 from busi_mtl.models.module import cosine_with_warmup, load_module
+from busi_mtl.train import build_module
+
+from conftest import TINY_TRAIN, compose_config
 
 
 def test_cosine_with_warmup_shape():
@@ -14,6 +17,23 @@ def test_cosine_with_warmup_shape():
     assert factor(4) == pytest.approx(1.0)
     assert factor(14) == pytest.approx(0.1 + 0.9 * 0.5)  # half way through the decay
     assert factor(24) == pytest.approx(0.1) and factor(100) == pytest.approx(0.1)
+
+
+def test_encoder_lr_scale_gives_the_encoder_its_own_rate(tmp_path):
+    cfg = compose_config("train", [*TINY_TRAIN, "scheduler=none", "optimizer.encoder_lr_scale=0.1"], tmp_path)
+    module = build_module(cfg)
+    encoder, rest = module.configure_optimizers()["optimizer"].param_groups
+    assert (encoder["lr"], rest["lr"]) == (pytest.approx(1e-4), pytest.approx(1e-3))
+    assert {id(p) for p in encoder["params"]} == {id(p) for p in module.net.seg.encoder.parameters()}
+    grouped = [id(p) for p in encoder["params"] + rest["params"]]
+    assert sorted(grouped) == sorted(id(p) for p in module.parameters())  # each parameter once
+    assert {id(p) for p in module.net.head.parameters()} <= {id(p) for p in rest["params"]}
+
+
+def test_encoder_lr_scale_must_be_positive(tmp_path):
+    cfg = compose_config("train", [*TINY_TRAIN, "scheduler=none", "optimizer.encoder_lr_scale=0"], tmp_path)
+    with pytest.raises(ValueError, match="encoder_lr_scale=0"):
+        build_module(cfg).configure_optimizers()
 
 
 def test_checkpoint_round_trip_is_exact_and_safe(trained_run):

@@ -203,7 +203,11 @@ class MultiTaskModule(pl.LightningModule):
         checkpoint["busi_mtl"] = {"classes": list(CLASSES), "val_metrics": val or None}
 
     def configure_optimizers(self) -> dict:
-        optimizer = hydra.utils.instantiate(self.hparams.optimizer, params=self.parameters())
+        opt = dict(self.hparams.optimizer)
+        encoder_lr_scale = opt.pop("encoder_lr_scale", 1.0)  # absent from checkpoints before it existed
+        # Partial, then called: instantiate would turn the groups' dicts into DictConfigs.
+        make_optimizer = hydra.utils.instantiate(opt, _partial_=True)
+        optimizer = make_optimizer(param_groups(self.net, opt["lr"], encoder_lr_scale))
         cfg = dict(self.hparams.scheduler)
         name = cfg.pop("name")
         if name == "none":
@@ -229,6 +233,18 @@ class MultiTaskModule(pl.LightningModule):
                 },
             }
         raise ValueError(f"scheduler.name={name!r}: choose cosine, plateau or none.")
+
+
+def param_groups(net: MultiTaskNet, lr: float, encoder_lr_scale: float) -> list[dict]:
+    """The encoder's parameters at ``lr * encoder_lr_scale``, the decoder's and the head's at ``lr``:
+    a smaller step for the ImageNet-initialised encoder keeps more of what it learned from many images
+    while the decoder and head, which start from random, learn at the full rate."""
+    if not encoder_lr_scale > 0:
+        raise ValueError(f"optimizer.encoder_lr_scale={encoder_lr_scale}: must be > 0 (1 = one rate for all).")
+    encoder = list(net.seg.encoder.parameters())
+    ids = {id(p) for p in encoder}
+    rest = [p for p in net.parameters() if id(p) not in ids]
+    return [{"params": encoder, "lr": lr * encoder_lr_scale}, {"params": rest, "lr": lr}]
 
 
 def read_checkpoint(ckpt_path: str | Path, map_location: str | torch.device = "cpu") -> dict:
