@@ -240,7 +240,9 @@ def param_groups(net: MultiTaskNet, lr: float, encoder_lr_scale: float) -> list[
     a smaller step for the ImageNet-initialised encoder keeps more of what it learned from many images
     while the decoder and head, which start from random, learn at the full rate."""
     if not encoder_lr_scale > 0:
-        raise ValueError(f"optimizer.encoder_lr_scale={encoder_lr_scale}: must be > 0 (1 = one rate for all).")
+        raise ValueError(
+            f"optimizer.encoder_lr_scale={encoder_lr_scale}: must be > 0 (1 = one rate for all)."
+        )
     encoder = list(net.seg.encoder.parameters())
     ids = {id(p) for p in encoder}
     rest = [p for p in net.parameters() if id(p) not in ids]
