@@ -24,10 +24,19 @@ def test_encoder_lr_scale_gives_the_encoder_its_own_rate(tmp_path):
     module = build_module(cfg)
     encoder, rest = module.configure_optimizers()["optimizer"].param_groups
     assert (encoder["lr"], rest["lr"]) == (pytest.approx(1e-4), pytest.approx(1e-3))
+    assert (encoder["name"], rest["name"]) == ("encoder", "decoder_head")  # the lr log's names
     assert {id(p) for p in encoder["params"]} == {id(p) for p in module.net.seg.encoder.parameters()}
     grouped = [id(p) for p in encoder["params"] + rest["params"]]
     assert sorted(grouped) == sorted(id(p) for p in module.parameters())  # each parameter once
     assert {id(p) for p in module.net.head.parameters()} <= {id(p) for p in rest["params"]}
+
+
+def test_encoder_lr_scale_1_is_one_group(tmp_path):
+    cfg = compose_config("train", [*TINY_TRAIN, "scheduler=none"], tmp_path)
+    module = build_module(cfg)
+    (group,) = module.configure_optimizers()["optimizer"].param_groups
+    assert group["lr"] == pytest.approx(1e-3) and "name" not in group
+    assert sorted(id(p) for p in group["params"]) == sorted(id(p) for p in module.parameters())
 
 
 def test_encoder_lr_scale_must_be_positive(tmp_path):

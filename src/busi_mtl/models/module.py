@@ -238,15 +238,25 @@ class MultiTaskModule(pl.LightningModule):
 def param_groups(net: MultiTaskNet, lr: float, encoder_lr_scale: float) -> list[dict]:
     """The encoder's parameters at ``lr * encoder_lr_scale``, the decoder's and the head's at ``lr``:
     a smaller step for the ImageNet-initialised encoder keeps more of what it learned from many images
-    while the decoder and head, which start from random, learn at the full rate."""
+    while the decoder and head, which start from random, learn at the full rate.
+
+    At scale 1 it is one group, as before the option existed: the learning-rate log keeps its name
+    (``lr-Adam``) and optimizer states saved with one group still resume. Otherwise the groups are
+    named, so the log shows ``lr-Adam/encoder`` and ``lr-Adam/decoder_head``.
+    """
     if not encoder_lr_scale > 0:
         raise ValueError(
             f"optimizer.encoder_lr_scale={encoder_lr_scale}: must be > 0 (1 = one rate for all)."
         )
+    if encoder_lr_scale == 1:
+        return [{"params": list(net.parameters()), "lr": lr}]
     encoder = list(net.seg.encoder.parameters())
     ids = {id(p) for p in encoder}
     rest = [p for p in net.parameters() if id(p) not in ids]
-    return [{"params": encoder, "lr": lr * encoder_lr_scale}, {"params": rest, "lr": lr}]
+    return [
+        {"params": encoder, "lr": lr * encoder_lr_scale, "name": "encoder"},
+        {"params": rest, "lr": lr, "name": "decoder_head"},
+    ]
 
 
 def read_checkpoint(ckpt_path: str | Path, map_location: str | torch.device = "cpu") -> dict:
