@@ -26,6 +26,24 @@ def test_head_sizes_are_configurable():
     assert [(m.in_features, m.out_features) for m in linears(deep)] == [(512, 64), (64, 32), (32, 3)]
 
 
+@pytest.mark.parametrize("arch", factory.ATTENTION_ARCHS)
+def test_scse_decoder_attention(arch):
+    net = build_model(arch, "resnet18", decoder_channels=[64, 32, 16, 16, 16], decoder_attention_type="scse")
+    scse = [m for m in net.seg.decoder.modules() if type(m).__name__ == "SCSEModule"]
+    assert scse  # the attention is in the decoder, not silently dropped
+    masks, logits = net(torch.rand(2, 1, 64, 64))
+    assert masks.shape == (2, 1, 64, 64) and logits.shape == (2, 3)
+    plain = build_model(arch, "resnet18", decoder_channels=[64, 32, 16, 16, 16])
+    assert not [m for m in plain.seg.decoder.modules() if type(m).__name__ == "SCSEModule"]
+
+
+def test_decoder_attention_refused_where_the_decoder_has_none():
+    with pytest.raises(ValueError, match=r"decoder_attention_type='scse'.*model\.arch='fpn'"):
+        build_model("fpn", "resnet18", decoder_attention_type="scse")
+    with pytest.raises(ValueError, match="needs decoder channels >= 16"):
+        build_model("unet", "resnet18", decoder_channels=[64, 32, 16, 8, 4], decoder_attention_type="scse")
+
+
 def test_unknown_arch():
     with pytest.raises(ValueError, match=r"model\.arch='segformer'"):
         build_model("segformer")

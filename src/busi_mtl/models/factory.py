@@ -24,6 +24,7 @@ from busi_mtl.models.pretrained import OFFLINE_WEIGHTS, load_offline_imagenet
 log = logging.getLogger(__name__)
 
 ARCHS = ("unet", "unetplusplus", "fpn", "deeplabv3plus")
+ATTENTION_ARCHS = ("unet", "unetplusplus")  # smp decoders that take decoder_attention_type
 LOCAL_WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
 #: Keys of ImageNet classifier layers that encoders drop; ignored when loading a local state dict.
 CLASSIFIER_PREFIXES = ("fc.", "classifier.", "head.", "_fc.", "last_linear.")
@@ -166,6 +167,7 @@ def build_model(
     head_dropout: float = 0.3,
     num_classes: int = 3,
     mask_pooling: bool = False,
+    decoder_attention_type: str | None = None,
 ) -> MultiTaskNet:
     """The multi-task network for ``conf/model/*.yaml``; see the module docstring for weight sources."""
     if arch not in ARCHS:
@@ -173,6 +175,17 @@ def build_model(
     kwargs: dict = {"in_channels": 1, "classes": 1, "encoder_depth": encoder_depth}
     if decoder_channels is not None:
         kwargs["decoder_channels"] = list(decoder_channels)
+    if decoder_attention_type is not None:
+        if arch not in ATTENTION_ARCHS:
+            raise ValueError(
+                f"model.decoder_attention_type={decoder_attention_type!r}: only {ATTENTION_ARCHS} have "
+                f"decoder attention, not model.arch={arch!r}."
+            )
+        if decoder_attention_type == "scse" and min(kwargs.get("decoder_channels", [16])) < 16:
+            raise ValueError(  # smp squeezes each block's channels 16-fold: fewer than 16 leaves none
+                f"model.decoder_attention_type=scse needs decoder channels >= 16, not {decoder_channels}."
+            )
+        kwargs["decoder_attention_type"] = decoder_attention_type
     seg = smp.create_model(arch, encoder_name=encoder_name, encoder_weights=None, **kwargs)  # validates names
     if encoder_weights == OFFLINE_WEIGHTS:
         load_offline_imagenet(seg.encoder, encoder_name)
