@@ -39,6 +39,19 @@ def test_encoder_lr_scale_1_is_one_group(tmp_path):
     assert sorted(id(p) for p in group["params"]) == sorted(id(p) for p in module.parameters())
 
 
+@pytest.mark.parametrize("scale", [1.0, 0.1])
+def test_uncertainty_weights_are_optimised_at_any_encoder_lr_scale(tmp_path, scale):
+    overrides = [
+        *TINY_TRAIN,
+        "scheduler=none",
+        "loss.weighting=uncertainty",
+        f"optimizer.encoder_lr_scale={scale}",
+    ]
+    module = build_module(compose_config("train", overrides, tmp_path))
+    optimised = {id(p) for g in module.configure_optimizers()["optimizer"].param_groups for p in g["params"]}
+    assert {id(module.criterion.s_seg), id(module.criterion.s_cls)} <= optimised
+
+
 def test_encoder_lr_scale_must_be_positive(tmp_path):
     cfg = compose_config("train", [*TINY_TRAIN, "scheduler=none", "optimizer.encoder_lr_scale=0"], tmp_path)
     with pytest.raises(ValueError, match="encoder_lr_scale=0"):

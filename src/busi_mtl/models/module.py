@@ -207,7 +207,7 @@ class MultiTaskModule(pl.LightningModule):
         encoder_lr_scale = opt.pop("encoder_lr_scale", 1.0)  # absent from checkpoints before it existed
         # Partial, then called: instantiate would turn the groups' dicts into DictConfigs.
         make_optimizer = hydra.utils.instantiate(opt, _partial_=True)
-        optimizer = make_optimizer(param_groups(self.net, opt["lr"], encoder_lr_scale))
+        optimizer = make_optimizer(param_groups(self, opt["lr"], encoder_lr_scale))
         cfg = dict(self.hparams.scheduler)
         name = cfg.pop("name")
         if name == "none":
@@ -235,10 +235,11 @@ class MultiTaskModule(pl.LightningModule):
         raise ValueError(f"scheduler.name={name!r}: choose cosine, plateau or none.")
 
 
-def param_groups(net: MultiTaskNet, lr: float, encoder_lr_scale: float) -> list[dict]:
-    """The encoder's parameters at ``lr * encoder_lr_scale``, the decoder's and the head's at ``lr``:
+def param_groups(module: MultiTaskModule, lr: float, encoder_lr_scale: float) -> list[dict]:
+    """The encoder's parameters at ``lr * encoder_lr_scale``, everything else the module trains (the
+    decoder, the head and the loss's learned weights under ``loss.weighting=uncertainty``) at ``lr``:
     a smaller step for the ImageNet-initialised encoder keeps more of what it learned from many images
-    while the decoder and head, which start from random, learn at the full rate.
+    while the parts that start from random learn at the full rate.
 
     At scale 1 it is one group, as before the option existed: the learning-rate log keeps its name
     (``lr-Adam``) and optimizer states saved with one group still resume. Otherwise the groups are
@@ -249,10 +250,10 @@ def param_groups(net: MultiTaskNet, lr: float, encoder_lr_scale: float) -> list[
             f"optimizer.encoder_lr_scale={encoder_lr_scale}: must be > 0 (1 = one rate for all)."
         )
     if encoder_lr_scale == 1:
-        return [{"params": list(net.parameters()), "lr": lr}]
-    encoder = list(net.seg.encoder.parameters())
+        return [{"params": list(module.parameters()), "lr": lr}]
+    encoder = list(module.net.seg.encoder.parameters())
     ids = {id(p) for p in encoder}
-    rest = [p for p in net.parameters() if id(p) not in ids]
+    rest = [p for p in module.parameters() if id(p) not in ids]
     return [
         {"params": encoder, "lr": lr * encoder_lr_scale, "name": "encoder"},
         {"params": rest, "lr": lr, "name": "decoder_head"},
