@@ -9,6 +9,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+import torch
 
 from busi_mtl.data.synthetic import generate_busi
 
@@ -119,6 +120,10 @@ def trained_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     from busi_mtl.train import train
 
     workdir = tmp_path_factory.mktemp("trained")
-    cfg = compose_config("train", [*TINY_TRAIN, "logger=many", "postprocess.normal_gate=0.5"], workdir)
-    metrics = train(cfg)
+    overrides = [*TINY_TRAIN, "logger=many", "postprocess.normal_gate=0.5", "num_threads=1"]
+    threads = torch.get_num_threads()
+    try:
+        metrics = train(compose_config("train", overrides, workdir))
+    finally:  # the setting is process-wide: the rest of the suite keeps its cores
+        torch.set_num_threads(threads)
     return workdir / "run", metrics

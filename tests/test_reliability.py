@@ -123,6 +123,7 @@ def test_resume_leaves_a_finished_run_alone_and_refuses_another_config(uninterru
 
     assert train(compose_config("train", [*RUN, "resume=true"], tmp_path)) == json.loads(finished)
     assert (run_dir / "metrics.json").read_text() == finished  # neither trained nor tested again
+    check_resume(compose_config("train", [*RUN, "resume=true", "num_threads=3"], tmp_path), run_dir)
     assert (run_dir / "checkpoints" / "last.ckpt").stat().st_mtime_ns == last
 
     tree = (run_dir / "config_tree.log").read_text()

@@ -15,6 +15,7 @@ from omegaconf import OmegaConf
 
 from busi_mtl.train import build_module
 from busi_mtl.utils.paths import CONFIG_DIR
+from busi_mtl.utils.run import set_threads
 
 from conftest import TINY_TRAIN, compose_config
 
@@ -75,6 +76,13 @@ def test_tiny_training_run_leaves_a_complete_run_dir(trained_run):
     assert metrics["test"]["n_lesion_images"] + metrics["test"]["n_normal_images"] == n_test
     info = json.loads((run / "run_info.json").read_text())
     assert info["packages"]["torch"] and "commit" in info["git"]
+    assert info["cpu_threads"] == 1  # num_threads=1 in the run's config
+
+
+@pytest.mark.parametrize("bad", [0, -2, 1.5, "4", True])
+def test_num_threads_must_be_a_positive_integer(bad):
+    with pytest.raises(ValueError, match="num_threads"):
+        set_threads(bad)
 
 
 def test_csv_log_has_every_loss_term_and_metric(trained_run):

@@ -34,6 +34,7 @@ from busi_mtl.utils.run import (
     print_config,
     print_metrics,
     save_run_info,
+    set_threads,
     task_wrapper,
     write_json,
 )
@@ -44,8 +45,9 @@ log = logging.getLogger(__name__)
 RUN_CONFIG = "run_config.yaml"
 #: The run's own Hydra overrides, kept beside it: Hydra rewrites ``.hydra/`` at every launch.
 RUN_OVERRIDES = "run_overrides.yaml"
-#: Top-level keys a resumed run may change: the resume switches and where files live, not what is trained.
-RESUME_MAY_CHANGE = ("resume", "ckpt_path", "paths")
+#: Top-level keys a resumed run may change: the resume switches, where files live and the CPU thread count
+#: (the machine's, like the default of one thread per core), not what is trained.
+RESUME_MAY_CHANGE = ("resume", "ckpt_path", "paths", "num_threads")
 #: Lightning's SLURM pre-emption checkpoints in the run directory, which it resumes from on SLURM.
 HPC_CHECKPOINTS = "hpc_ckpt_*.ckpt"
 
@@ -282,6 +284,7 @@ def train(cfg: DictConfig) -> dict:
 def fit_and_test(cfg: DictConfig) -> dict:
     """Fit, test the best checkpoint, write ``metrics.json`` (rank 0); returns the metrics."""
     out = Path(cfg.paths.output_dir)
+    set_threads(cfg.get("num_threads"))
     pl.seed_everything(cfg.seed, workers=True)
     ckpt_path = resume_checkpoint(cfg, out)
     data_cfg = cfg.data

@@ -129,11 +129,23 @@ def run_info() -> dict[str, Any]:
         "platform": platform.platform(),
         "cuda": torch.version.cuda if torch.cuda.is_available() else None,
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "cpu_threads": torch.get_num_threads(),
         "command": sys.argv,
         "packages": versions,
         "git": git_commit(),
         "changed_since_start": changed_since_start(),
     }
+
+
+def set_threads(num_threads: int | None) -> None:
+    """Fix torch's CPU threads for this process (``num_threads`` in the train config; None keeps torch's
+    default, one per core). CPU results are not bit-identical across thread counts, so two runs compared
+    on a CPU should share it; :func:`run_info` records it."""
+    if num_threads is None:
+        return
+    if isinstance(num_threads, bool) or not isinstance(num_threads, int) or num_threads < 1:
+        raise ValueError(f"num_threads={num_threads!r} must be a positive integer or null.")
+    torch.set_num_threads(num_threads)
 
 
 @rank_zero_only
