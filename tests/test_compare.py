@@ -80,6 +80,20 @@ def test_compare_pairs_by_fold(tmp_path: Path) -> None:
     assert "| test/dice | 0.600 | 0.600 | +0.000 | 1 / 1 / 1 | n/a |" in markdown
 
 
+def test_compare_a_cv_gathered_from_two_multiruns(tmp_path: Path) -> None:
+    """Folds run as two sweeps, linked into one folder (the README's recipe), pair like one CV."""
+    reference = _cv(tmp_path, "ref", [0.70, 0.80, 0.75], [0.6] * 3)
+    first = _cv(tmp_path, "first", [0.72], [0.6], folds=(0,))
+    later = _cv(tmp_path, "later", [0.81, 0.74], [0.6] * 2, folds=(1, 2))  # job dirs 0 and 1
+    gathered = tmp_path / "gathered"
+    gathered.mkdir()
+    (gathered / "0").symlink_to(first / "0")
+    for job, fold in ((0, 1), (1, 2)):
+        (gathered / str(fold)).symlink_to(later / str(job))
+    table = compare(gathered, reference, ["val/score"]).set_index("metric")
+    assert table.loc["val/score", "per_fold"] == "+0.020 / +0.010 / -0.010"
+
+
 def test_compare_refuses_different_folds(tmp_path: Path) -> None:
     reference = _cv(tmp_path, "ref", [0.7, 0.8, 0.75], [0.6] * 3)
     candidate = _cv(tmp_path, "new", [0.7, 0.8, 0.75], [0.6] * 3)

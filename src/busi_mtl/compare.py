@@ -14,7 +14,8 @@ only: every fold model is scored on the same test split, so differences there sh
 not how another sample of images would come out, and a p-value would claim more than that. The two
 directories must hold one configuration each, with the same folds: every pair's ``split.csv`` (which
 image is in train / val / test) is compared, and a mismatch is an error rather than a silently unpaired
-comparison.
+comparison. A CV run as several multiruns is compared through one folder of links to its job
+directories (symbolic links are followed).
 
 **Two evaluations** (``busi_mtl.evaluate`` or ``busi_mtl.ensemble`` run directories, each with
 ``per_image.csv``) of the same images: the difference of each headline metric with a paired 95% bootstrap
