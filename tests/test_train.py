@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 
 from busi_mtl.train import build_module
 from busi_mtl.utils.paths import CONFIG_DIR
-from busi_mtl.utils.run import set_threads
+from busi_mtl.utils.run import DEFAULT_THREADS, set_threads
 
 from conftest import TINY_TRAIN, compose_config
 
@@ -77,6 +77,14 @@ def test_tiny_training_run_leaves_a_complete_run_dir(trained_run):
     info = json.loads((run / "run_info.json").read_text())
     assert info["packages"]["torch"] and "commit" in info["git"]
     assert info["cpu_threads"] == 1  # num_threads=1 in the run's config
+
+
+def test_null_num_threads_restores_the_default_after_an_earlier_job():
+    """A multirun runs its jobs in one process: a job with num_threads=null after one with another count must
+    not inherit it."""
+    set_threads(DEFAULT_THREADS + 1)
+    set_threads(None)
+    assert torch.get_num_threads() == DEFAULT_THREADS
 
 
 @pytest.mark.parametrize("bad", [0, -2, 1.5, "4", True])

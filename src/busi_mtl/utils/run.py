@@ -137,11 +137,17 @@ def run_info() -> dict[str, Any]:
     }
 
 
+# torch's own thread count at start-up (one per core unless OMP_NUM_THREADS says otherwise), restored by
+# num_threads=null so that a multirun job with null does not inherit an earlier job's count.
+DEFAULT_THREADS = torch.get_num_threads()
+
+
 def set_threads(num_threads: int | None) -> None:
-    """Fix torch's CPU threads for this process (``num_threads`` in the train config; None keeps torch's
-    default, one per core). CPU results are not bit-identical across thread counts, so two runs compared
-    on a CPU should share it; :func:`run_info` records it."""
+    """Fix torch's CPU threads for this process (``num_threads`` in the train config; None gives torch's
+    start-up default, one per core, back). CPU results are not bit-identical across thread counts, so two
+    runs compared on a CPU should share it; :func:`run_info` records it."""
     if num_threads is None:
+        torch.set_num_threads(DEFAULT_THREADS)
         return
     if isinstance(num_threads, bool) or not isinstance(num_threads, int) or num_threads < 1:
         raise ValueError(f"num_threads={num_threads!r} must be a positive integer or null.")
