@@ -217,6 +217,15 @@ def test_classification_hand_values() -> None:
         assert out[key].item() == pytest.approx(value, abs=1e-6), key
 
 
+def test_auroc_is_nan_when_a_class_is_absent_from_the_targets() -> None:
+    """torchmetrics scores an absent class 0 and averages it in (2/3 here for a perfect ranking)."""
+    metrics = classification_metrics(num_classes=3)
+    metrics.update(PROBS[2:], CLASS_TARGET[2:])  # benign and malignant only: no normal image
+    out = metrics.compute()
+    assert torch.isnan(out["auroc"])
+    assert out["acc"].item() == pytest.approx(4 / 5)  # the other metrics are unaffected
+
+
 def test_confusion_matrix_rows_are_true_classes() -> None:
     cm = confusion_matrix(num_classes=3)
     cm.update(PROBS, CLASS_TARGET)

@@ -31,7 +31,9 @@ Classification (:func:`classification_metrics`, :func:`confusion_matrix`)
   value lies outside [0, 1], so a batch of logits that happen to lie in [0, 1] would be read as probabilities.
 - ``acc``: overall accuracy (``average="micro"``). ``precision``, ``recall``, ``f1``: macro over classes;
   macro recall is the balanced accuracy. A class absent from both predictions and targets is left out of the
-  macro mean (torchmetrics behaviour). ``auroc``: one-vs-rest ROC AUC, macro over classes, exact (all scores kept).
+  macro mean (torchmetrics behaviour). ``auroc``: one-vs-rest ROC AUC, macro over classes, exact (all scores kept);
+  NaN when a class has no image in the targets (torchmetrics would average in a 0 for it), as in
+  :mod:`busi_mtl.bootstrap`.
 - Confusion matrix: raw counts, rows = true class, columns = predicted class, in ``CLASSES`` order.
 """
 
@@ -50,6 +52,7 @@ from torchmetrics.classification import (
     MulticlassPrecision,
     MulticlassRecall,
 )
+from torchmetrics.utilities import dim_zero_cat
 
 from busi_mtl.data import CLASSES, NORMAL
 
@@ -173,6 +176,18 @@ class SegmentationMetrics(Metric):
         }
 
 
+class MacroAUROC(MulticlassAUROC):
+    """Macro one-vs-rest AUROC that is NaN, not a silent 0 averaged in, when a class is absent from the
+    targets (a BUSI-like external set without normal/, a sanity-check batch of one class)."""
+
+    def compute(self) -> Tensor:
+        target = dim_zero_cat(self.target)
+        counts = torch.bincount(target.long(), minlength=self.num_classes)
+        if (counts == 0).any():
+            return torch.tensor(float("nan"), device=target.device)
+        return super().compute()
+
+
 def classification_metrics(num_classes: int = 3) -> MetricCollection:
     """Scalar classification metrics ``acc``, ``precision``, ``recall``, ``f1``, ``auroc``; feed softmax probs."""
     return MetricCollection(
@@ -181,7 +196,7 @@ def classification_metrics(num_classes: int = 3) -> MetricCollection:
             "precision": MulticlassPrecision(num_classes=num_classes, average="macro"),
             "recall": MulticlassRecall(num_classes=num_classes, average="macro"),
             "f1": MulticlassF1Score(num_classes=num_classes, average="macro"),
-            "auroc": MulticlassAUROC(num_classes=num_classes, average="macro"),
+            "auroc": MacroAUROC(num_classes=num_classes, average="macro"),
         }
     )
 
