@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from types import SimpleNamespace
 
 import numpy as np
@@ -175,6 +176,7 @@ def test_external_validation_on_a_set_without_normals(trained_run, tmp_path):
     values = metrics["all"]
     assert metrics["n_images"] == 12 and values["n_normal_images"] == 0 and values["n_lesion_images"] == 12
     assert 0 <= values["bm_acc"] <= 1 and 0 <= values["bm_auroc"] <= 1 and 0 <= values["dice"] <= 1
+    assert math.isnan(values["auroc"])  # no normal image: the 3-class AUROC is undefined, not deflated
 
 
 def test_postprocess_override_reports_pp_metrics(trained_run, tmp_path):
