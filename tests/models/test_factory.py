@@ -44,6 +44,29 @@ def test_decoder_attention_refused_where_the_decoder_has_none():
         build_model("unet", "resnet18", decoder_channels=[64, 32, 16, 8, 4], decoder_attention_type="scse")
 
 
+def test_drop_path_is_stochastic_depth_in_a_timm_encoder():
+    kwargs = {"encoder_name": "tu-efficientnet_lite0", "decoder_channels": [64, 32, 16, 16, 16]}
+    net = build_model(**kwargs, drop_path_rate=0.2)
+    rates = [m.drop_prob for m in net.seg.encoder.modules() if type(m).__name__ == "DropPath"]
+    assert rates and max(rates) <= 0.2 and max(rates) > 0.15  # timm ramps it up towards the deepest block
+    plain = build_model(**kwargs)
+    assert not [m for m in plain.seg.encoder.modules() if type(m).__name__ == "DropPath"]
+    assert net.state_dict().keys() == plain.state_dict().keys()  # no weights: state dicts load either way
+    x = torch.rand(2, 1, 64, 64)
+    torch.manual_seed(0)
+    net.train()
+    assert not torch.equal(net(x)[0], net(x)[0])  # blocks dropped at random in training
+    net.eval()
+    assert torch.equal(net(x)[0], net(x)[0])
+
+
+def test_drop_path_refused_where_it_cannot_apply():
+    with pytest.raises(ValueError, match=r"drop_path_rate=0\.2 needs a timm encoder.*'resnet18'"):
+        build_model(encoder_name="resnet18", drop_path_rate=0.2)
+    with pytest.raises(ValueError, match=r"drop_path_rate=1\.0: must be in \[0, 1\)"):
+        build_model(encoder_name="tu-efficientnet_lite0", drop_path_rate=1.0)
+
+
 def test_unknown_arch():
     with pytest.raises(ValueError, match=r"model\.arch='segformer'"):
         build_model("segformer")

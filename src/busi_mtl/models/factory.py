@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 
 ARCHS = ("unet", "unetplusplus", "fpn", "deeplabv3plus")
 ATTENTION_ARCHS = ("unet", "unetplusplus")  # smp decoders that take decoder_attention_type
+TIMM_PREFIX = "tu-"  # smp's prefix for timm encoders, the ones that take timm's drop_path_rate
 LOCAL_WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
 #: Keys of ImageNet classifier layers that encoders drop; ignored when loading a local state dict.
 CLASSIFIER_PREFIXES = ("fc.", "classifier.", "head.", "_fc.", "last_linear.")
@@ -168,11 +169,26 @@ def build_model(
     num_classes: int = 3,
     mask_pooling: bool = False,
     decoder_attention_type: str | None = None,
+    drop_path_rate: float = 0.0,
 ) -> MultiTaskNet:
-    """The multi-task network for ``conf/model/*.yaml``; see the module docstring for weight sources."""
+    """The multi-task network for ``conf/model/*.yaml``; see the module docstring for weight sources.
+
+    ``drop_path_rate`` is timm's stochastic depth in the encoder (``tu-`` encoders only): residual blocks
+    are skipped at random in training, up to this rate in the deepest block, the regulariser EfficientNets
+    are trained with; it adds no weights, so pretrained and saved state dicts load unchanged.
+    """
     if arch not in ARCHS:
         raise ValueError(f"model.arch={arch!r}: choose one of {ARCHS}.")
     kwargs: dict = {"in_channels": 1, "classes": 1, "encoder_depth": encoder_depth}
+    if not 0 <= drop_path_rate < 1:
+        raise ValueError(f"model.drop_path_rate={drop_path_rate}: must be in [0, 1).")
+    if drop_path_rate > 0:
+        if not encoder_name.startswith(TIMM_PREFIX):
+            raise ValueError(
+                f"model.drop_path_rate={drop_path_rate} needs a timm encoder (model.encoder_name={TIMM_PREFIX}...), "
+                f"not {encoder_name!r}."
+            )
+        kwargs["drop_path_rate"] = drop_path_rate
     if decoder_channels is not None:
         kwargs["decoder_channels"] = list(decoder_channels)
     if decoder_attention_type is not None:
