@@ -24,7 +24,7 @@ from pytorch_lightning.plugins.environments import SLURMEnvironment
 
 from busi_mtl.data.busi import BUSIDataError
 from busi_mtl.losses import MultiTaskLoss
-from busi_mtl.train import check_resume, resume_checkpoint, train
+from busi_mtl.train import build_module, check_resumable, check_resume, resume_checkpoint, train
 from busi_mtl.utils import run as run_utils
 
 from conftest import TINY_TRAIN, compose_config, write_png
@@ -282,6 +282,19 @@ def test_resuming_another_architecture_is_refused(uninterrupted, tmp_path):
     ):
         train(cfg)
     assert (tmp_path / "run" / "error.txt").is_file() and not (tmp_path / "run" / "metrics.json").exists()
+
+
+def test_a_model_key_added_since_the_checkpoint_takes_its_default(uninterrupted, tmp_path):
+    # A checkpoint written before model.drop_path_rate / mask_pooling existed lacks those keys.
+    ckpt = torch.load(uninterrupted / "checkpoints" / "last.ckpt", weights_only=True)
+    for key in ("drop_path_rate", "mask_pooling"):
+        del ckpt["hyper_parameters"]["net"][key]
+    older = tmp_path / "older.ckpt"
+    torch.save(ckpt, older)
+    check_resumable(str(older), build_module(compose_config("train", RUN, tmp_path)))  # at the defaults
+    pooled = build_module(compose_config("train", [*RUN, "model.mask_pooling=true"], tmp_path))
+    with pytest.raises(ValueError, match=r"model\.mask_pooling: checkpoint False vs this run True"):
+        check_resumable(str(older), pooled)
 
 
 def test_nan_loss_stops_before_checkpointing(tmp_path, monkeypatch):

@@ -10,6 +10,7 @@ multirun (same command, same ``hydra.sweep.dir``) leaves its finished jobs alone
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import shutil
@@ -26,6 +27,7 @@ from omegaconf.errors import OmegaConfBaseException
 from pytorch_lightning.loggers import TensorBoardLogger
 
 from busi_mtl.metrics import collect_stage
+from busi_mtl.models.factory import build_model
 from busi_mtl.models.module import MultiTaskModule, read_checkpoint
 from busi_mtl.utils.paths import CONFIG_DIR
 from busi_mtl.utils.run import (
@@ -122,11 +124,20 @@ def resume_checkpoint(cfg: DictConfig, out: Path) -> str | None:
 
 
 def check_resumable(ckpt_path: str, module: MultiTaskModule) -> None:
-    """Refuse a checkpoint of another architecture with a readable diff, not a state_dict traceback."""
+    """Refuse a checkpoint of another architecture with a readable diff, not a state_dict traceback.
+
+    A model key added since the checkpoint was written (absent from its saved ``net``) is taken at
+    :func:`build_model`'s default, the value that checkpoint's network was in effect built with."""
     saved = read_checkpoint(ckpt_path).get("hyper_parameters", {}).get("net")
     if saved is None:
         raise ValueError(f"ckpt_path={ckpt_path}: not a busi-mtl training checkpoint.")
-    current = module.hparams.net
+    defaults = {
+        name: list(param.default) if isinstance(param.default, tuple) else param.default  # as saved
+        for name, param in inspect.signature(build_model).parameters.items()
+        if param.default is not inspect.Parameter.empty
+    }
+    saved = {**defaults, **saved}
+    current = {**defaults, **module.hparams.net}
     differing = sorted(
         k for k in set(saved) | set(current) if k != "encoder_weights" and saved.get(k) != current.get(k)
     )
